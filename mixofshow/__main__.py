@@ -1,0 +1,5 @@
+import sys
+
+from mixofshow.cli import main
+
+sys.exit(main())

@@ -1,0 +1,70 @@
+"""``mixofshow <command>``: the command-line entry point.
+
+Each command lives beside the code it drives and exposes ``add_parser(subparsers)`` (which sets
+``func`` on its parser). User errors (``ValueError``, ``FileNotFoundError``) print one clear line
+and exit with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+__all__ = ["main", "build_parser"]
+
+# (module, description); order is the order of `mixofshow --help`
+_COMMANDS = (
+    "mixofshow.train.command",
+    "mixofshow.sample.command",
+    "mixofshow.fuse.command",
+    "mixofshow.evaluate.command",
+    "mixofshow.concepts.command",
+    "mixofshow.demo",
+    "mixofshow.optim.command",
+    "app.command",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mixofshow",
+        description="ED-LoRA concept adapters for Stable Diffusion, trained with selectable LoRA optimizers.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMANDS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name is not None and name.startswith(err.name):
+                continue  # a command not present in this build
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        result = args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"mixofshow {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mixofshow {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

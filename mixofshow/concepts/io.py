@@ -1,0 +1,137 @@
+"""The concept file: one ``.safetensors`` holding an ED-LoRA concept, never a pickle.
+
+Tensors::
+
+    embeddings.<word>                 (L, dim)  layer-wise token embeddings of a concept word
+    text_encoder.<module>.lora_down   (r, n)    A
+    text_encoder.<module>.lora_up     (m, r)    B
+    unet.<module>.lora_down / lora_up
+
+Metadata (strings; JSON where structured): format, base_model, rank, scale, words, class_words,
+num_layers, text_dim, optimizer, steps, replace_mapping, and free-form ``extra``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mixofshow.utils.io import FileFormatError, load_safetensors, save_safetensors
+
+__all__ = ["CONCEPT_FORMAT", "ConceptMeta", "ConceptFile", "save_concept", "load_concept"]
+
+CONCEPT_FORMAT = "mixofshow.edlora/1"
+_COMPONENTS = ("text_encoder", "unet")
+_RAW_STRINGS = ("base_model", "optimizer")  # stored as is; every other field as JSON
+
+
+@dataclass
+class ConceptMeta:
+    base_model: str
+    rank: int
+    scale: float
+    words: list[str]
+    num_layers: int
+    text_dim: int
+    class_words: dict[str, str | None] = field(default_factory=dict)
+    optimizer: str = "adamw"
+    steps: int = 0
+    replace_mapping: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_strings(self) -> dict[str, str]:
+        out = {"format": CONCEPT_FORMAT}
+        for key, value in asdict(self).items():
+            out[key] = value if key in _RAW_STRINGS else json.dumps(value)
+        return out
+
+    @classmethod
+    def from_strings(cls, meta: dict[str, str], where: str) -> "ConceptMeta":
+        fmt = meta.get("format")
+        if fmt != CONCEPT_FORMAT:
+            raise FileFormatError(
+                f"{where}: not a mixofshow concept file (metadata 'format' is {fmt!r}, expected "
+                f"{CONCEPT_FORMAT!r}); import Mix-of-Show .pth files with `mixofshow import`"
+            )
+        kwargs: dict[str, Any] = {}
+        for name in cls.__dataclass_fields__:
+            if name not in meta:
+                if name in ("base_model", "rank", "scale", "words", "num_layers", "text_dim"):
+                    raise FileFormatError(f"{where}: metadata key {name!r} is missing")
+                continue
+            raw = meta[name]
+            try:
+                # str fields are stored as-is by to_strings (base_model, optimizer); others as JSON
+                is_str = cls.__dataclass_fields__[name].type in ("str", str)
+                kwargs[name] = raw if is_str else json.loads(raw)
+            except json.JSONDecodeError:
+                raise FileFormatError(f"{where}: metadata key {name!r} is not valid JSON: {raw!r}") from None
+        return cls(**kwargs)
+
+
+@dataclass
+class ConceptFile:
+    meta: ConceptMeta
+    embeddings: dict[str, torch.Tensor]
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]]  # "unet.<module>" -> (A, B)
+
+    def component_lora(self, component: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        prefix = component + "."
+        return {k[len(prefix):]: v for k, v in self.lora.items() if k.startswith(prefix)}
+
+
+def save_concept(path: str | os.PathLike, concept: ConceptFile) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    for word, emb in concept.embeddings.items():
+        tensors[f"embeddings.{word}"] = emb.float()
+    for name, (a, b) in concept.lora.items():
+        tensors[f"{name}.lora_down"] = a.float()
+        tensors[f"{name}.lora_up"] = b.float()
+    save_safetensors(path, tensors, concept.meta.to_strings())
+
+
+def load_concept(path: str | os.PathLike) -> ConceptFile:
+    """Read and validate a concept file; errors name the file and the key."""
+    where = str(path)
+    if Path(path).suffix in (".pth", ".pt", ".ckpt", ".bin"):
+        raise FileFormatError(
+            f"{where}: a pickled checkpoint; convert it with `mixofshow import {where} OUT.safetensors`"
+        )
+    tensors, raw_meta = load_safetensors(path)
+    meta = ConceptMeta.from_strings(raw_meta, where)
+    embeddings, downs, ups = {}, {}, {}
+    for key, value in tensors.items():
+        if key.startswith("embeddings."):
+            embeddings[key[len("embeddings."):]] = value
+        elif key.endswith(".lora_down") and key.split(".", 1)[0] in _COMPONENTS:
+            downs[key[: -len(".lora_down")]] = value
+        elif key.endswith(".lora_up") and key.split(".", 1)[0] in _COMPONENTS:
+            ups[key[: -len(".lora_up")]] = value
+        else:
+            raise FileFormatError(f"{where}: unexpected tensor {key!r}")
+    for word in meta.words:
+        if word not in embeddings:
+            raise FileFormatError(f"{where}: no tensor 'embeddings.{word}' for concept word {word!r}")
+        if embeddings[word].shape != (meta.num_layers, meta.text_dim):
+            raise FileFormatError(
+                f"{where}: 'embeddings.{word}' has shape {tuple(embeddings[word].shape)}, expected "
+                f"({meta.num_layers}, {meta.text_dim})"
+            )
+    if downs.keys() != ups.keys():
+        odd = sorted(downs.keys() ^ ups.keys())[0]
+        raise FileFormatError(f"{where}: LoRA layer {odd!r} lacks its lora_down or lora_up tensor")
+    lora = {}
+    for name in downs:
+        a, b = downs[name], ups[name]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise FileFormatError(
+                f"{where}: LoRA layer {name!r} has lora_down {tuple(a.shape)} and lora_up "
+                f"{tuple(b.shape)}; expected r x n and m x r"
+            )
+        lora[name] = (a, b)
+    return ConceptFile(meta=meta, embeddings=embeddings, lora=lora)

@@ -1,0 +1,117 @@
+"""Load a base Stable Diffusion 1.x pipeline: embedded model, hub id, local folder or single file.
+
+Offline-safe: with ``HF_HUB_OFFLINE=1`` (or ``local_files_only=True``) nothing touches the
+network, and a model that is not on disk gives an error saying what to download or where to
+point instead of a network traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from mixofshow.models.embedded import EMBEDDED_NAME, build_embedded_pipeline
+
+__all__ = ["ModelLoadError", "load_pipeline", "is_offline", "resolve_dtype"]
+
+log = logging.getLogger(__name__)
+
+_EMBEDDED_ALIASES = {"embedded", EMBEDDED_NAME}
+_SINGLE_FILE_SUFFIXES = (".safetensors",)
+_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+class ModelLoadError(ValueError):
+    """The base model could not be found or read; the message says what to do."""
+
+
+def is_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+             "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    try:
+        return table[name]
+    except KeyError:
+        raise ValueError(f"Invalid dtype {name!r}; expected one of {sorted(table)}") from None
+
+
+def load_pipeline(
+    base_model: str,
+    dtype: str | torch.dtype = torch.float32,
+    config: str | None = None,
+    local_files_only: bool | None = None,
+) -> StableDiffusionPipeline:
+    """Load ``base_model``: ``"embedded"``, a diffusers folder, a ``.safetensors`` file, or a hub id.
+
+    Args:
+        base_model: what to load (see above).
+        dtype: weights dtype.
+        config: for a single file, a local diffusers folder (or cached hub id) whose configs
+            describe the architecture; without it diffusers infers SD 1.x and needs that config
+            in the local hub cache when offline.
+        local_files_only: never use the network; defaults to ``HF_HUB_OFFLINE``.
+    """
+    dtype = resolve_dtype(dtype)
+    offline = is_offline() if local_files_only is None else local_files_only
+    if base_model in _EMBEDDED_ALIASES:
+        return build_embedded_pipeline(dtype)
+    path = Path(base_model).expanduser()
+    common = {"dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"{path}: not a diffusers pipeline folder (no model_index.json). Point base_model "
+                "at a folder saved with `pipe.save_pretrained(...)`, a .safetensors file, or a hub id."
+            )
+        return _wrap(lambda: StableDiffusionPipeline.from_pretrained(path, local_files_only=True, **common), path)
+    if path.is_file():
+        if path.suffix in _PICKLE_SUFFIXES:
+            raise ModelLoadError(
+                f"{path}: pickled checkpoints are not loaded (they can run code). Convert it to "
+                ".safetensors first, or use a diffusers folder."
+            )
+        if path.suffix not in _SINGLE_FILE_SUFFIXES:
+            raise ModelLoadError(f"{path}: expected a .safetensors checkpoint or a diffusers folder")
+        kwargs = dict(common, local_files_only=offline)
+        if config is not None:
+            kwargs["config"] = config
+        return _wrap(lambda: StableDiffusionPipeline.from_single_file(str(path), **kwargs), path)
+    if _looks_like_path(base_model):
+        raise ModelLoadError(f"{base_model}: no such file or folder")
+    return _wrap(
+        lambda: StableDiffusionPipeline.from_pretrained(base_model, local_files_only=offline, **common),
+        base_model,
+        hub=True,
+    )
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.endswith(_SINGLE_FILE_SUFFIXES + _PICKLE_SUFFIXES) \
+        or name.count("/") != 1 or os.sep in name and name.count(os.sep) > 1
+
+
+def _wrap(load, what, hub: bool = False) -> StableDiffusionPipeline:
+    try:
+        return load()
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, EnvironmentError) as err:
+        if hub:
+            hint = (
+                f"It is not in the local Hugging Face cache and "
+                f"{'HF_HUB_OFFLINE is set' if is_offline() else 'could not be downloaded'}. "
+                f"Download it first (`hf download {what}`) on a machine with network access, "
+                "or point base_model at a local diffusers folder or .safetensors file."
+            )
+        else:
+            hint = "The file or folder exists but could not be read as a Stable Diffusion 1.x model."
+        raise ModelLoadError(f"Cannot load base model {what!r}: {hint} ({type(err).__name__}: {err})") from None

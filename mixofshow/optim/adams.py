@@ -1,0 +1,321 @@
+"""AdamS (Adam-Sylvester): Adam directions lifted horizontally onto the LoRA factors.
+
+Paper: "LoRA-S: An Efficient Low Rank Adaptation Scheme via Sylvester Equation", Jinyang Zheng and
+Tong Wu, ICLR 2026, https://openreview.net/forum?id=Guo2XGgxZA. Reference code (Gitee,
+sanjin998/lora_s) was not reachable: reconstructed from the paper's description.
+
+``adams`` (low memory, state 2(m+n)r)::
+
+    DA = -mA^ / (sqrt(vA^) + eps),  DB = -mB^ / (sqrt(vB^) + eps)     (Adam on G_A, G_B)
+    Xd = DB A + B DA                                                  (never formed: Xd A^T, B^T Xd)
+    (Bd, Ad) = lift(B, A, Xd);  B += lr Bd;  A += lr Ad
+
+``adams-full`` (state 2mn, needs the full gradient G = dL/dW)::
+
+    Xd = -m^ / (sqrt(v^) + eps)   (Adam moments on G);   lift;   step
+
+No weight decay: the Sylvester matrix K of the lift acts as a data-dependent decay (for
+``Xd = -lam B A`` it is ``-lam/2 I``, ordinary weight decay), so these optimizers reject a non-zero
+``weight_decay``. ``adams`` is invariant only under signed permutations of the rank dimension
+(element-wise Adam is not gauge-equivariant); ``adams-full`` is gauge-invariant.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from mixofshow.optim.base import LoRAOptimizer, bucket_by_shape, check_beta, check_positive
+from mixofshow.optim.batching import compute_dtype, keep_saved_state_dtypes
+from mixofshow.optim.lift import horizontal_lift, horizontal_lift_reference, lift_products
+from mixofshow.optim.registry import OptimizerSpec
+
+__all__ = [
+    "AdamS",
+    "AdamSFull",
+    "BucketedLoRAOptimizer",
+    "adam_directions",
+    "factor_products",
+    "adams_update",
+    "adams_full_update",
+    "adams_reference",
+    "active_tuples",
+    "get_full_grad",
+    "state_tensor",
+    "next_steps",
+    "per_pair",
+    "grad_or_zeros",
+    "apply_",
+    "SPECS",
+]
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def adam_directions(
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    beta1: float,
+    beta2: float,
+    eps: float,
+    steps: Sequence[int],
+) -> list[torch.Tensor]:
+    """Update Adam moments in place; return ``-m^ / (sqrt(v^) + eps)`` per tensor (foreach ops).
+
+    ``steps`` holds one step count per tensor (the pair's count, repeated for each of its factors).
+    """
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, [math.sqrt(1.0 - beta2**t) for t in steps])
+    torch._foreach_add_(denom, eps)
+    out = torch._foreach_div(exp_avgs, denom)
+    torch._foreach_mul_(out, [-1.0 / (1.0 - beta1**t) for t in steps])
+    return out
+
+
+def per_pair(values: Sequence[float], like: torch.Tensor, ndim: int) -> float | torch.Tensor:
+    """A per-pair scalar as a Python float when all agree (the usual case), else a (k, 1, ...) tensor."""
+    if all(v == values[0] for v in values):
+        return float(values[0])
+    return torch.tensor(values, dtype=like.dtype, device=like.device).reshape(-1, *([1] * (ndim - 1)))
+
+
+def active_tuples(opt: LoRAOptimizer, group: dict[str, Any]) -> list[tuple[torch.Tensor, ...]]:
+    """The group's factor tuples that received a gradient (factor grads or a recorded full grad)."""
+    return [
+        f
+        for f in opt.factor_tuples(group)
+        if any(t.grad is not None for t in f) or getattr(f[0], "full_grad", None) is not None
+    ]
+
+
+def grad_or_zeros(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros_like(t, dtype=dtype) if t.grad is None else t.grad.to(dtype)
+
+
+def get_full_grad(opt_name: str, a: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """``a.full_grad`` (m x n); a clear error when the LoRA layer did not record it."""
+    g = getattr(a, "full_grad", None)
+    if g is None:
+        raise RuntimeError(
+            f"{opt_name} needs the full weight gradient dL/dW of every LoRA layer, but the pair with "
+            f"A of shape {tuple(a.shape)} has none: set `record_full_grad = True` on its LoRALinear "
+            f"layer before the forward pass (the optimizer's needs_full_grad is True)"
+        )
+    if tuple(g.shape) != shape:
+        raise RuntimeError(f"{opt_name}: full_grad has shape {tuple(g.shape)}, expected {shape}")
+    return g
+
+
+def state_tensor(state: dict, key: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """``state[key]``, created as zeros on first use and kept in ``dtype`` (a safety net: torch's
+    load_state_dict casts floating state to the parameter dtype, e.g. fp32 moments to bf16)."""
+    t = state.get(key)
+    if t is None:
+        t = state[key] = torch.zeros(shape, dtype=dtype, device=device)
+    elif t.dtype != dtype:
+        t = state[key] = t.to(dtype)
+    return t
+
+
+def next_steps(states: list[dict]) -> list[int]:
+    """Increment and return the per-pair step counters (CPU tensors, as torch.optim.Adam keeps them)."""
+    steps = []
+    for st in states:
+        if "step" not in st:
+            st["step"] = torch.tensor(0.0)
+        st["step"] = st["step"] + 1  # a new tensor: a loaded state dict never shares the counter
+        steps.append(int(st["step"]))
+    return steps
+
+
+def apply_(params: list[torch.Tensor], update: torch.Tensor, alpha: float) -> None:
+    """``params[i] += alpha * update[i]`` with the update cast to the parameters' dtype."""
+    torch._foreach_add_(params, list(update.to(params[0].dtype).unbind(0)), alpha=alpha)
+
+
+# ----------------------------------------------------------------------------- the math
+
+
+def factor_products(
+    b: torch.Tensor, a: torch.Tensor, db: torch.Tensor, da: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Xd A^T, B^T Xd)`` for ``Xd = DB A + B DA`` without forming Xd (batched)."""
+    at, bt = a.transpose(-1, -2), b.transpose(-1, -2)
+    xa = db @ (a @ at) + b @ (da @ at)
+    bx = (bt @ db) @ a + (bt @ b) @ da
+    return xa, bx
+
+
+def adams_update(
+    a_list, b_list, ga_list, gb_list, ma, va, mb, vb, steps, *, lr, beta1, beta2, eps, damping
+) -> None:
+    """One ``adams`` step for a shape bucket (all lists aligned); updates moments and factors in place."""
+    k = len(a_list)
+    dirs = adam_directions(ma + mb, va + vb, ga_list + gb_list, beta1, beta2, eps, list(steps) * 2)
+    dt = compute_dtype(a_list[0].dtype)
+    a, b = torch.stack(a_list).to(dt), torch.stack(b_list).to(dt)
+    da, db = torch.stack(dirs[:k]).to(dt), torch.stack(dirs[k:]).to(dt)
+    bd, ad = horizontal_lift(b, a, *factor_products(b, a, db, da), damping=damping)
+    apply_(b_list, bd, lr)
+    apply_(a_list, ad, lr)
+
+
+def adams_full_update(a_list, b_list, g_list, m, v, steps, *, lr, beta1, beta2, eps, damping) -> None:
+    """One ``adams-full`` step for a shape bucket: Adam on the full gradients, lift, step."""
+    dirs = adam_directions(m, v, g_list, beta1, beta2, eps, steps)
+    dt = compute_dtype(a_list[0].dtype)
+    a, b = torch.stack(a_list).to(dt), torch.stack(b_list).to(dt)
+    xa, bx = lift_products(b, a, torch.stack(dirs).to(dt))
+    bd, ad = horizontal_lift(b, a, xa, bx, damping=damping)
+    apply_(b_list, bd, lr)
+    apply_(a_list, ad, lr)
+
+
+def adams_reference(a, b, ga, gb, state, *, lr, beta1, beta2, eps, damping, full_grad=None):
+    """Plain one-pair AdamS step (forms Xd, Kronecker Sylvester solve); returns new ``(A, B)``.
+
+    ``state`` is a dict updated in place (``t``, ``m``/``v`` lists). With ``full_grad`` given the
+    moments are on it (``adams-full``); otherwise on ``(ga, gb)`` (``adams``).
+    """
+    t = state["t"] = state.get("t", 0) + 1
+    grads = [full_grad] if full_grad is not None else [ga, gb]
+    state.setdefault("m", [torch.zeros_like(g) for g in grads])
+    state.setdefault("v", [torch.zeros_like(g) for g in grads])
+    dirs = []
+    for g, m, v in zip(grads, state["m"], state["v"]):
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v.mul_(beta2).add_(g * g, alpha=1 - beta2)
+        dirs.append(-(m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + eps))
+    xd = dirs[0] if full_grad is not None else dirs[1] @ a + b @ dirs[0]
+    bd, ad, _ = horizontal_lift_reference(b, a, xd, damping)
+    return a + lr * ad, b + lr * bd
+
+
+# ----------------------------------------------------------------------------- the optimizers
+
+
+class BucketedLoRAOptimizer(LoRAOptimizer):
+    """Shared driver: ``step()`` loops over groups and shape buckets of the factor tuples that got
+    a gradient, calling ``_step_bucket(group, tuples)``; ``load_state_dict`` keeps saved dtypes."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            tuples = active_tuples(self, group)
+            for idx in bucket_by_shape(tuples).values():
+                self._step_bucket(group, [tuples[i] for i in idx])
+        return loss
+
+    def _step_bucket(self, group: dict[str, Any], tuples: list[tuple[torch.Tensor, ...]]) -> None:
+        raise NotImplementedError
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        keep_saved_state_dtypes(self, state_dict)  # fp32 statistics of bf16/fp16 factors stay fp32
+        for st in self.state.values():
+            for key, value in st.items():
+                if key == "step":  # a CPU counter, as in torch.optim.Adam: reading it never syncs
+                    st[key] = torch.as_tensor(value, dtype=torch.float32).detach().to("cpu").clone()
+                elif isinstance(value, torch.Tensor):  # own copies: updates must not reach the dict
+                    st[key] = value.clone()
+
+
+class AdamS(BucketedLoRAOptimizer):
+    """AdamS (LoRA-S): Adam factor directions, lifted horizontally through the Sylvester equation.
+
+    Args:
+        groups: ``[{"pairs": [(A, B), ...], "lr": ..., "scale": ...}, ...]``.
+        lr: learning rate.
+        betas: Adam's (beta1, beta2).
+        eps: Adam's epsilon.
+        damping: relative damping of the r x r Grams in the lift (``S + damping tr(S)/r I``).
+        weight_decay: must be 0; the Sylvester matrix K replaces weight decay.
+    """
+
+    full: bool = False
+
+    def __init__(
+        self,
+        groups,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        damping: float = 1e-6,
+        weight_decay: float = 0.0,
+    ) -> None:
+        check_positive("lr", lr)
+        check_beta("beta1", betas[0])
+        check_beta("beta2", betas[1])
+        check_positive("eps", eps)
+        check_positive("damping", damping)
+        if weight_decay != 0.0:
+            raise ValueError(
+                f"Invalid weight_decay: {weight_decay} (LoRA-S optimizers take no weight decay; "
+                "the Sylvester matrix K of the horizontal lift replaces it)"
+            )
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "damping": damping}
+        super().__init__(groups, defaults)
+
+    def _step_bucket(self, group: dict[str, Any], pairs: list[tuple[torch.Tensor, ...]]) -> None:
+        beta1, beta2 = group["betas"]
+        hp = {"lr": group["lr"], "eps": group["eps"], "damping": group["damping"]}
+        hp.update(beta1=beta1, beta2=beta2)
+        a_list = [a for a, _ in pairs]
+        b_list = [b for _, b in pairs]
+        states = [self.state[a] for a in a_list]
+        a0, b0 = pairs[0]
+        sdt, dev = compute_dtype(a0.dtype), a0.device
+        if self.full:
+            shape = (b0.shape[0], a0.shape[1])
+            grads = [get_full_grad(type(self).__name__, a, shape).to(sdt) for a in a_list]
+            m = [state_tensor(s, "exp_avg", shape, sdt, dev) for s in states]
+            v = [state_tensor(s, "exp_avg_sq", shape, sdt, dev) for s in states]
+            adams_full_update(a_list, b_list, grads, m, v, next_steps(states), **hp)
+            return
+        steps = next_steps(states)
+        ga = [grad_or_zeros(a, sdt) for a in a_list]
+        gb = [grad_or_zeros(b, sdt) for b in b_list]
+        ma = [state_tensor(s, "exp_avg_A", tuple(a0.shape), sdt, dev) for s in states]
+        va = [state_tensor(s, "exp_avg_sq_A", tuple(a0.shape), sdt, dev) for s in states]
+        mb = [state_tensor(s, "exp_avg_B", tuple(b0.shape), sdt, dev) for s in states]
+        vb = [state_tensor(s, "exp_avg_sq_B", tuple(b0.shape), sdt, dev) for s in states]
+        adams_update(a_list, b_list, ga, gb, ma, va, mb, vb, steps, **hp)
+
+
+class AdamSFull(AdamS):
+    """``adams-full``: Adam moments on the full m x n gradient (state 2mn), then the lift."""
+
+    full = True
+    needs_full_grad = True
+
+
+SPECS = [
+    OptimizerSpec(
+        name="adams",
+        cls=AdamS,
+        paper="Zheng & Wu, ICLR 2026 (LoRA-S, AdamS)",
+        memory="2(m+n)r (Adam moments on A, B)",
+        reconstructed=True,
+        defaults={"betas": (0.9, 0.999), "eps": 1e-8, "damping": 1e-6},
+    ),
+    OptimizerSpec(
+        name="adams-full",
+        cls=AdamSFull,
+        paper="Zheng & Wu, ICLR 2026 (LoRA-S, AdamS on the full gradient)",
+        memory="2mn (Adam moments on the full gradient G)",
+        reconstructed=True,
+        defaults={"betas": (0.9, 0.999), "eps": 1e-8, "damping": 1e-6},
+    ),
+]

@@ -1,0 +1,90 @@
+"""Helpers shared by the batched LoRA optimizers: stacking pairs of equal shape, compute dtypes.
+
+The r x r linear algebra of the matrix-preconditioned optimizers is batched over the pairs of one
+shape bucket (``bucket_by_shape``). Everything is kept in the *r-major* layout: ``A`` (r x n),
+``B^T`` (r x m) and their gradients, so that every batched product is ``(r x r) @ (r x k)`` or
+``(r x k) @ (k x r)``; on CPU those run 4-8x faster than the same products with k x r operands.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+__all__ = [
+    "active_pairs",
+    "compute_dtype",
+    "keep_saved_state_dtypes",
+    "stack",
+    "sym",
+    "tiny",
+]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the r x r algebra: float64 stays float64, everything else runs in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tiny(dtype: torch.dtype) -> float:
+    """A positive floor for damping terms: sqrt of the smallest normal number of ``dtype``.
+
+    Its inverse (1e19 in float32) is still finite, so ``(0 + tiny)^-1 @ 0`` is exactly 0.
+    """
+    return torch.finfo(dtype).tiny ** 0.5
+
+
+def sym(x: torch.Tensor) -> torch.Tensor:
+    """Symmetric part of a batch of square matrices."""
+    return 0.5 * (x + x.mT)
+
+
+def stack(tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``torch.stack(tensors)`` cast to ``dtype``, without a copy when possible.
+
+    State written as ``stacked.unbind(0)`` at the previous step (consecutive contiguous slices of
+    one tensor) is recognised and viewed as the stacked tensor again.
+    """
+    t0 = tensors[0]
+    if t0._base is not None and _consecutive_slices(tensors):
+        out = t0.as_strided((len(tensors), *t0.shape), (t0.numel(), *t0.stride()), t0.storage_offset())
+    else:
+        out = torch.stack(list(tensors))
+    return out if dtype is None or out.dtype == dtype else out.to(dtype)
+
+
+def _consecutive_slices(tensors: Sequence[torch.Tensor]) -> bool:
+    t0 = tensors[0]
+    if not t0.is_contiguous():
+        return False
+    root, shape, stride = t0._base, t0.shape, t0.stride()
+    offset, numel = t0.storage_offset(), t0.numel()
+    return all(
+        t._base is root and t.shape == shape and t.stride() == stride
+        and t.storage_offset() == offset + i * numel
+        for i, t in enumerate(tensors)
+    )  # fmt: skip
+
+
+def active_pairs(pairs: Sequence[tuple[torch.Tensor, ...]]) -> list[tuple[torch.Tensor, ...]]:
+    """The factor tuples whose tensors all have a gradient (the others are left untouched)."""
+    return [f for f in pairs if all(t.grad is not None for t in f)]
+
+
+def keep_saved_state_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+    """Undo ``Optimizer.load_state_dict``'s cast of floating state to the parameter's dtype.
+
+    torch casts every floating state tensor to its parameter's dtype when loading, which would
+    turn the float32 r x r statistics of bf16/fp16 factors into bf16. Call this right after
+    ``super().load_state_dict(state_dict)``: it puts back the saved tensors (moved to the
+    parameter's device, dtype unchanged).
+    """
+    saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    saved_state = state_dict["state"]
+    for pid, p in zip(saved_ids, params):
+        for key, value in saved_state.get(pid, {}).items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                optimizer.state[p][key] = value.to(device=p.device)

@@ -1,0 +1,79 @@
+"""Optimizer param groups from models that carry :class:`~mixofshow.concepts.lora.LoRALinear` layers.
+
+After peft's ``create_loraplus_optimizer`` (``src/peft/optimizers/loraplus.py``): group building is
+a separate helper that works with every optimizer class of the registry. Layers are found by
+module type (``lora_layers``), never by parameter-name substrings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from mixofshow.concepts.lora import LoRALinear, lora_layers
+
+__all__ = ["lora_param_groups", "enable_full_grad"]
+
+
+def lora_param_groups(
+    components: Mapping[str, nn.Module],
+    lrs: Mapping[str, float],
+    factorization: str | None = None,
+    **group_options: Any,
+) -> list[dict[str, Any]]:
+    """One optimizer group per component (e.g. ``"text_encoder"``, ``"unet"``) and LoRA scale.
+
+    Args:
+        components: name -> module holding LoRA layers.
+        lrs: name -> learning rate; every component needs one.
+        factorization: the form the optimizer expects (``OptimizerSpec.factorization``): ``"ab"``
+            gives ``"pairs"`` ``(A, B)``, ``"usv"`` gives ``"triples"`` ``(U, S, V)``. ``None``
+            takes it from the layers.
+        group_options: extra keys copied into every group (per-group hyper-parameters).
+    Returns:
+        ``[{"pairs" | "triples": [...], "lr": lr, "scale": s, "name": component}, ...]``; a
+        component whose layers use several scales gives one group per scale.
+    Raises:
+        ValueError: a component without an lr or without LoRA layers, or layers whose
+            factorization differs from ``factorization`` (or from each other).
+    """
+    groups: list[dict[str, Any]] = []
+    for name, module in components.items():
+        if name not in lrs:
+            raise ValueError(f"No learning rate for component {name!r}; lrs has {sorted(lrs)}")
+        layers = [layer for _, layer in lora_layers(module)]
+        if not layers:
+            raise ValueError(f"Component {name!r} has no LoRALinear layers")
+        kinds = {layer.factorization for layer in layers}
+        if len(kinds) > 1 or (factorization is not None and kinds != {factorization}):
+            expected = factorization or "one factorization"
+            raise ValueError(f"Component {name!r}: layers use {sorted(kinds)}, expected {expected!r}")
+        by_scale: dict[float, list[LoRALinear]] = {}
+        for layer in layers:
+            by_scale.setdefault(layer.scale, []).append(layer)
+        for scale, same_scale in by_scale.items():
+            entries = _factor_entries(same_scale)
+            groups.append({**group_options, **entries, "lr": lrs[name], "scale": scale, "name": name})
+    return groups
+
+
+def _factor_entries(layers: list[LoRALinear]) -> dict[str, list[tuple]]:
+    if layers[0].factorization == "ab":
+        return {"pairs": [(layer.lora_down, layer.lora_up) for layer in layers]}
+    return {"triples": [(layer.lora_U, layer.lora_S, layer.lora_V) for layer in layers]}
+
+
+def enable_full_grad(components: Mapping[str, nn.Module], on: bool = True) -> int:
+    """Switch the full-gradient hook (``G = dy^T x``) of every LoRA layer; returns the layer count.
+
+    Turn it on only for optimizers with ``needs_full_grad``: the hook costs an m x n product per
+    layer and step.
+    """
+    count = 0
+    for module in components.values():
+        for _, layer in lora_layers(module):
+            layer.record_full_grad = on
+            count += 1
+    return count

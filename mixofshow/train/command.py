@@ -1,0 +1,44 @@
+"""``mixofshow train CONFIG [--optimizer NAME] [--max-steps N] [--output-dir DIR] [--resume]``."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train one ED-LoRA concept from a YAML config")
+    p.add_argument("config", help="YAML training config (see configs/README.md)")
+    p.add_argument("--optimizer", help="LoRA optimizer name (overrides optimizer.name)")
+    p.add_argument("--max-steps", type=int, help="overrides train.max_steps")
+    p.add_argument("--output-dir", help="overrides output_dir")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any key, e.g. --set lora.rank=8 (YAML value)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from mixofshow.train.config import load_train_config
+    from mixofshow.train.loop import train
+
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key] = yaml.safe_load(value)
+    if args.optimizer:
+        overrides["optimizer.name"] = args.optimizer
+    if args.max_steps is not None:
+        overrides["train.max_steps"] = args.max_steps
+    if args.output_dir:
+        overrides["output_dir"] = args.output_dir
+    config = load_train_config(args.config, overrides)
+    result = train(config, resume=args.resume)
+    print(f"concept: {result.concept_path}")
+    print(f"run folder: {result.output_dir} (checkpoints, logs, samples, metrics.json)")
+    return 0

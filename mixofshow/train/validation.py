@@ -1,0 +1,56 @@
+"""Validation grids during training: each prompt at each LoRA scale (0 shows the embeddings alone)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from mixofshow.concepts.edlora import EDLoRA
+from mixofshow.data import load_prompt_list
+from mixofshow.train.config import TrainConfig
+
+__all__ = ["validation_prompts", "run_validation"]
+
+log = logging.getLogger(__name__)
+
+
+def validation_prompts(config: TrainConfig) -> list[str]:
+    v = config.validation
+    prompts = list(v.prompts)
+    if v.prompts_file:
+        prompts += load_prompt_list(v.prompts_file)
+    return prompts
+
+
+@torch.no_grad()
+def run_validation(model: EDLoRA, config: TrainConfig, step: int, device) -> Path | None:
+    """Sample the validation prompts at every configured LoRA scale into ``samples/step_N``."""
+    from mixofshow.sample.pipeline import SampleConfig, generate
+
+    prompts = validation_prompts(config)
+    if not prompts:
+        return None
+    v = config.validation
+    folder = Path(config.output_dir) / "samples" / f"step_{step:06d}"
+    was_training = (model.unet.training, model.text_encoder.training)
+    model.unet.eval(), model.text_encoder.eval()
+    try:
+        for scale in v.lora_scales:
+            sample_cfg = SampleConfig(
+                prompts=prompts,
+                negative_prompt=v.negative_prompt,
+                num_images=v.num_images,
+                seed=v.seed,
+                steps=v.steps,
+                guidance_scale=v.guidance_scale,
+                lora_scale=scale,
+                output_dir=str(folder / f"scale_{scale:g}"),
+            )
+            generate(model.pipe, model.encoder, sample_cfg, progress=False)
+    finally:
+        model.set_lora_multiplier(1.0)
+        model.unet.train(was_training[0]), model.text_encoder.train(was_training[1])
+    log.info("validation samples of step %d in %s", step, folder)
+    return folder
