@@ -66,9 +66,7 @@ class ConceptMeta:
                 continue
             raw = meta[name]
             try:
-                # str fields are stored as-is by to_strings (base_model, optimizer); others as JSON
-                is_str = cls.__dataclass_fields__[name].type in ("str", str)
-                kwargs[name] = raw if is_str else json.loads(raw)
+                kwargs[name] = raw if name in _RAW_STRINGS else json.loads(raw)
             except json.JSONDecodeError:
                 raise FileFormatError(f"{where}: metadata key {name!r} is not valid JSON: {raw!r}") from None
         return cls(**kwargs)

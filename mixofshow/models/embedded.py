@@ -3,7 +3,7 @@
 Same classes and code path as a real SD 1.x checkpoint (UNet2DConditionModel with
 cross-attention, AutoencoderKL, CLIPTextModel, the real CLIP tokenizer), a few channels wide, with
 weights drawn from a fixed seed. It makes training, fusion and sampling run offline in seconds;
-its images are noise-like, since its weights are random.
+its images are noise-like, since its weights are random. Images are 128 x 128 (latents 16 x 16).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from mixofshow.models.tokenizer import clip_bpe_tokenizer
 __all__ = ["EMBEDDED_NAME", "EMBEDDED_RESOLUTION", "build_embedded_pipeline", "embedded_config"]
 
 EMBEDDED_NAME = "embedded:tiny-sd"
-EMBEDDED_RESOLUTION = 64  # pixels; the VAE downsamples by 2, so latents are 32 x 32
+EMBEDDED_RESOLUTION = 128  # pixels; the VAE downsamples by 8 as in SD, so latents are 16 x 16
 _SEED = 20231122
 
 

@@ -52,6 +52,7 @@ from mixofshow.optim.registry import OptimizerSpec
 
 __all__ = [
     "LoRARite",
+    "Prepared",
     "SPECS",
     "lora_rite_reference",
     "rite_apply",
@@ -128,9 +129,9 @@ def rite_prepare(
         offset += len(g)
     raw = torch.cat(raw_grams)
     sq_norm = raw.diagonal(dim1=-2, dim2=-1).sum(-1)
-    inv_k = torch.cat([torch.full_like(gr[:, 0, 0], 1.0 / g.shape[-1]) for gr, g in zip(raw_grams, gs)])
+    inv_k = torch.cat([torch.full_like(rg[:, 0, 0], 1.0 / g.shape[-1]) for rg, g in zip(raw_grams, gs)])
     keep = None
-    if skip > 0:  # RMS of u = sqrt(||u||^2 / (r k)); not finite -> skipped
+    if skip > 0:  # RMS of u = sqrt(||u||^2 / (r k))
         keep = (sq_norm * inv_k / raw.shape[-1] <= skip * skip).to(raw.dtype)
         sq_norm = sq_norm * keep
     gram = raw * inv_k[:, None, None]
@@ -168,9 +169,11 @@ def rite_apply(
     new_xs, new_ms, offset = [], [], 0
     for x, u, m in zip(xs, prep.u, m_prev):
         rows = slice(offset, offset + len(x))
-        m = torch.baddbmm(torch.bmm(precond[rows], u), t_first[rows], m)  # M^T <- b1 T M^T + (1-b1) S^T
-        new_ms.append(m)  # X <- X (1 - lr wd) - lr R_p^-1 M^T
-        new_xs.append(torch.baddbmm(x, prep.partner_rinv[rows], m, beta=1.0 - lr * weight_decay, alpha=-lr))
+        # M^T <- b1 T M^T + (1 - b1) S^T;  X <- X (1 - lr wd) - lr R_partner^-1 M^T
+        m = torch.baddbmm(torch.bmm(precond[rows], u), t_first[rows], m)
+        x = torch.baddbmm(x, prep.partner_rinv[rows], m, beta=1.0 - lr * weight_decay, alpha=-lr)
+        new_ms.append(m)
+        new_xs.append(x)
         offset += len(x)
     return new_xs, v, new_ms
 
@@ -331,15 +334,18 @@ class LoRARite(LoRAOptimizer):
         self._written = written
         return loss
 
-    def _read(self, batch: _Batch, states: list[_RowState], prefix: str, like: torch.Tensor) -> torch.Tensor:
+    def _read(
+        self, batch: _Batch, states: list[_RowState], prefix: str, like: torch.Tensor
+    ) -> torch.Tensor:
         """The rows' stacked state (zeros at the first step); no copy when the previous step
         wrote exactly these tensors (checked by identity, so edits in place are seen)."""
         if batch.step == 0:
             return torch.zeros_like(like)
         current = [st[prefix + side] for st, side in states]
         cached = self._written.get(id(current[0]))
-        if cached is not None and len(cached[1]) == len(current) and all(map(operator.is_, current, cached[1])):
-            return cached[0]
+        if cached is not None and len(cached[1]) == len(current):
+            if all(map(operator.is_, current, cached[1])):
+                return cached[0]
         return stack(current, like.dtype)
 
     def _batches(self, group: dict[str, Any]) -> list[_Batch]:

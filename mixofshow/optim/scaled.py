@@ -120,11 +120,19 @@ class ScaledGD(LoRAOptimizer):
         lr: float = 1e-3,
         reg: float = 1e-6,
         weight_decay: float = 0.0,
+        **extra: Any,
     ) -> None:
         check_positive("learning rate", lr)
         check_positive("reg", reg)
         check_positive("weight_decay", weight_decay)
-        super().__init__(params, dict(lr=lr, reg=reg, weight_decay=weight_decay))
+        defaults = dict(lr=lr, reg=reg, weight_decay=weight_decay)
+        super().__init__(params, {**defaults, **self._extra_defaults(**extra)})
+
+    def _extra_defaults(self, **extra: Any) -> dict[str, Any]:
+        """Hyper-parameters of the AdamW variant; none for scaled GD."""
+        if extra:
+            raise TypeError(f"{type(self).__name__} got unexpected arguments {sorted(extra)}")
+        return {}
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -184,11 +192,10 @@ class ScaledAdamW(ScaledGD):
         fused: bool | None = None,
     ) -> None:
         check_adamw_hparams(lr, betas, eps, weight_decay)
-        check_positive("reg", reg)
-        defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, reg=reg, fused=fused
-        )
-        LoRAOptimizer.__init__(self, params, defaults)
+        super().__init__(params, lr, reg, weight_decay, betas=tuple(betas), eps=eps, fused=fused)
+
+    def _extra_defaults(self, *, betas: tuple[float, float], eps: float, fused: bool | None) -> dict[str, Any]:
+        return dict(betas=betas, eps=eps, fused=fused)
 
     def _update(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         beta1, beta2 = group["betas"]
