@@ -15,6 +15,8 @@ from torch import nn
 
 from mixofshow.concepts.lora import LoRALinear, inject_lora
 from mixofshow.optim import SPECS, build_optimizer
+from mixofshow.optim.adamw import adamw_reference
+from mixofshow.optim.batching import stack
 from mixofshow.optim.groups import enable_full_grad, lora_param_groups
 from mixofshow.optim.lora_rite import lora_rite_reference, unmagnified_reference
 from mixofshow.optim.scaled import precondition_reference
@@ -37,6 +39,10 @@ def random_pair(m, n, r, gen, dtype=F64):
     a = torch.randn(r, n, generator=gen, dtype=F64) / math.sqrt(n)
     b = 0.5 * torch.randn(m, r, generator=gen, dtype=F64)
     return a.to(dtype), b.to(dtype)
+
+
+def randn_like(t, gen):
+    return torch.randn(t.shape, generator=gen, dtype=t.dtype)
 
 
 def leaf(t):
@@ -123,6 +129,39 @@ def test_adamw_equals_torch_adamw_exactly():
 
 def flat_pairs(pairs):
     return [t for p in pairs for t in p]
+
+
+def test_adamw_matches_its_plain_reference_over_steps():
+    gen = torch.Generator().manual_seed(4)
+    pairs = [tuple(leaf(t) for t in random_pair(m, n, r, gen)) for m, n, r in MIXED[:3]]
+    opt = build_optimizer("adamw", [{"pairs": pairs, "lr": 1e-2}], weight_decay=0.1)
+    plain = [(t.detach().clone(), torch.zeros_like(t), torch.zeros_like(t)) for t in flat_pairs(pairs)]
+    for step in range(1, 5):
+        grads = [torch.randn(t.shape, generator=gen, dtype=F64) for t in flat_pairs(pairs)]
+        for t, g in zip(flat_pairs(pairs), grads):
+            t.grad = g
+        opt.step()
+        plain = [
+            adamw_reference(p, g, m, v, step, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+            for (p, m, v), g in zip(plain, grads)
+        ]
+        for t, (p, _, _) in zip(flat_pairs(pairs), plain):
+            torch.testing.assert_close(t.detach(), p, rtol=1e-12, atol=1e-14)
+
+
+def test_stack_reuses_consecutive_views_and_copies_otherwise():
+    base = torch.randn(4, 3, 5)
+    views = base.unbind(0)
+    same = stack(views)
+    assert same.data_ptr() == base.data_ptr() and torch.equal(same, base)
+    assert torch.equal(stack(views[::-1]), base.flip(0))  # not consecutive: a copy
+    transposed = torch.randn(4, 5, 3).mT  # non-contiguous slices: a copy
+    assert torch.equal(stack(transposed.unbind(0)), transposed)
+    col_major = torch.empty_strided((4, 5, 3), (15, 1, 5)).copy_(torch.randn(4, 5, 3))
+    q = col_major.mT  # as LAPACK's Q.mT: a view whose slices are contiguous
+    reused = stack(q.unbind(0))
+    assert reused.data_ptr() == q.data_ptr() and torch.equal(reused, q)
+    assert stack(views, torch.float64).dtype == torch.float64
 
 
 def test_loraplus_ratio_one_equals_adamw_and_ratio_matches_torch_groups():
@@ -277,7 +316,7 @@ def mixed_groups(seed):
 def test_scaled_batched_equals_per_pair_loop():
     groups, lrs, scales, reg = mixed_groups(seed=11), (1e-2, 3e-2), (0.5, 1.0), 1e-4
     gen = torch.Generator().manual_seed(12)
-    grads = [[(torch.randn_like(a), torch.randn_like(b)) for a, b in pairs] for pairs in groups]
+    grads = [[(randn_like(a, gen), randn_like(b, gen)) for a, b in pairs] for pairs in groups]
     leaves = [[(leaf(a), leaf(b)) for a, b in pairs] for pairs in groups]
     for pairs, grad in zip(leaves, grads):
         for (a, b), (ga, gb) in zip(pairs, grad):
@@ -289,7 +328,6 @@ def test_scaled_batched_equals_per_pair_loop():
             pa, pb = precondition_reference(a, b, ga, gb, s, reg)
             torch.testing.assert_close(a_new.detach(), a - lr * pa, rtol=1e-11, atol=1e-13)
             torch.testing.assert_close(b_new.detach(), b - lr * pb, rtol=1e-11, atol=1e-13)
-    del gen
 
 
 def test_lora_rite_batched_equals_per_pair_loop():
@@ -353,8 +391,9 @@ def test_lora_param_groups_by_module_type():
     assert all(len(t) == 3 for g in triples for t in g["triples"])
     with pytest.raises(ValueError, match="unet"):
         lora_param_groups(comps, {"text_encoder": 1e-5})
-    with pytest.raises(ValueError, match="no LoRALinear"):
-        lora_param_groups({"vae": Tiny()}, {"vae": 1.0})
+    assert lora_param_groups({"vae": Tiny()}, {"vae": 1.0}) == []  # LoRA off: no group
+    comps["unet"].q_proj.requires_grad_(False)
+    assert [g["name"] for g in lora_param_groups(comps, {"text_encoder": 1.0, "unet": 1.0})] == ["text_encoder"]
     with pytest.raises(ValueError, match="usv"):
         lora_param_groups(comps, {"text_encoder": 1.0, "unet": 1.0}, factorization="usv")
     assert enable_full_grad(comps, True) == 3 and comps["text_encoder"].q_proj.record_full_grad

@@ -16,10 +16,12 @@ import torch
 __all__ = [
     "active_pairs",
     "compute_dtype",
+    "inverse_sqrt",
     "keep_saved_state_dtypes",
     "stack",
     "sym",
     "tiny",
+    "triangular_inverse",
 ]
 
 
@@ -39,6 +41,31 @@ def tiny(dtype: torch.dtype) -> float:
 def sym(x: torch.Tensor) -> torch.Tensor:
     """Symmetric part of a batch of square matrices."""
     return 0.5 * (x + x.mT)
+
+
+def triangular_inverse(r: torch.Tensor) -> torch.Tensor:
+    """Inverse of a batch of upper-triangular r x r matrices, negligible pivots floored.
+
+    Pivots below ``r eps max|pivot| + tiny`` are replaced by that floor, so a zero (or rank
+    deficient) factor gives a finite inverse; the gradients it multiplies vanish there.
+    """
+    d = r.diagonal(dim1=-2, dim2=-1)
+    k = r.shape[-1]
+    floor = d.abs().amax(-1, keepdim=True) * (k * torch.finfo(r.dtype).eps) + tiny(r.dtype)
+    safe = r.triu(1) + torch.diag_embed(torch.where(d.abs() > floor, d, floor))
+    eye = torch.eye(k, dtype=r.dtype, device=r.device).expand_as(r)
+    return torch.linalg.solve_triangular(safe, eye, upper=True)
+
+
+def inverse_sqrt(v: torch.Tensor, eps: float) -> torch.Tensor:
+    """``U diag(1 / (sqrt(max(lambda, 0)) + eps)) U^T`` for a batch of symmetric matrices.
+
+    ``tiny I`` is added first: cuSOLVER has failed on all-zero matrices (pytorch#94772), which a
+    zero-initialised B produces at step 1. Note that on CUDA ``eigh`` synchronises with the host.
+    """
+    eye = torch.eye(v.shape[-1], dtype=v.dtype, device=v.device)
+    lam, u = torch.linalg.eigh(v + tiny(v.dtype) * eye)
+    return (u * (1.0 / (lam.clamp_min(0.0).sqrt() + eps)).unsqueeze(-2)) @ u.mT
 
 
 def stack(tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:

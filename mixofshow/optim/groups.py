@@ -27,25 +27,26 @@ def lora_param_groups(
 
     Args:
         components: name -> module holding LoRA layers.
-        lrs: name -> learning rate; every component needs one.
+        lrs: name -> learning rate; every component with trainable LoRA layers needs one.
         factorization: the form the optimizer expects (``OptimizerSpec.factorization``): ``"ab"``
             gives ``"pairs"`` ``(A, B)``, ``"usv"`` gives ``"triples"`` ``(U, S, V)``. ``None``
             takes it from the layers.
         group_options: extra keys copied into every group (per-group hyper-parameters).
     Returns:
         ``[{"pairs" | "triples": [...], "lr": lr, "scale": s, "name": component}, ...]``; a
-        component whose layers use several scales gives one group per scale.
+        component whose layers use several scales gives one group per scale, one without
+        trainable LoRA layers (LoRA off) gives none.
     Raises:
-        ValueError: a component without an lr or without LoRA layers, or layers whose
-            factorization differs from ``factorization`` (or from each other).
+        ValueError: a component with LoRA layers but no lr, or layers whose factorization differs from
+            ``factorization`` (or from each other).
     """
     groups: list[dict[str, Any]] = []
     for name, module in components.items():
+        layers = [layer for _, layer in lora_layers(module) if _trainable(layer)]
+        if not layers:  # LoRA off for this component (none injected, or frozen)
+            continue
         if name not in lrs:
             raise ValueError(f"No learning rate for component {name!r}; lrs has {sorted(lrs)}")
-        layers = [layer for _, layer in lora_layers(module)]
-        if not layers:
-            raise ValueError(f"Component {name!r} has no LoRALinear layers")
         kinds = {layer.factorization for layer in layers}
         if len(kinds) > 1 or (factorization is not None and kinds != {factorization}):
             expected = factorization or "one factorization"
@@ -57,6 +58,10 @@ def lora_param_groups(
             entries = _factor_entries(same_scale)
             groups.append({**group_options, **entries, "lr": lrs[name], "scale": scale, "name": name})
     return groups
+
+
+def _trainable(layer: LoRALinear) -> bool:
+    return any(p.requires_grad for p in layer.parameters(recurse=False))
 
 
 def _factor_entries(layers: list[LoRALinear]) -> dict[str, list[tuple]]:

@@ -26,8 +26,10 @@ whole group (triangular inverses, the eigh of every ``V``) runs as one batched c
 clipping are folded into r x r factors. The state is stored r-major (``q_a = Q_A^T``,
 ``m_a = M_A^T``, ...) and in float32 for fp16/bf16 factors. ``R^-1`` is a triangular inverse whose
 negligible pivots are floored (the reference uses ``pinv``), which maps a zero B to a zero
-unmagnified gradient without a host sync. Not implemented: the reference's optional
-``update_capping``, ``apply_escape`` and ``balance_param`` (all off by default there).
+unmagnified gradient. Skipping and clipping are tensor masks (no branching on values), so the only
+host sync on CUDA is the one ``torch.linalg.eigh`` makes (one call per group and step). Not
+implemented: the reference's optional ``update_capping``, ``apply_escape`` and ``balance_param``
+(all off by default there).
 """
 
 from __future__ import annotations
@@ -43,10 +45,11 @@ from mixofshow.optim.base import LoRAOptimizer, bucket_by_shape, check_beta, che
 from mixofshow.optim.batching import (
     active_pairs,
     compute_dtype,
+    inverse_sqrt,
     keep_saved_state_dtypes,
     stack,
     sym,
-    tiny,
+    triangular_inverse,
 )
 from mixofshow.optim.registry import OptimizerSpec
 
@@ -64,26 +67,6 @@ __all__ = [
 def bias_corrected_decay(beta: float, step: int) -> float:
     """``b (1 - b^(t-1)) / (1 - b^t)`` for the 1-based step t (0 at t = 1)."""
     return beta * (1.0 - beta ** (step - 1)) / (1.0 - beta**step)
-
-
-def triangular_inverse(r: torch.Tensor) -> torch.Tensor:
-    """Inverse of a batch of upper-triangular r x r matrices, negligible pivots floored.
-
-    Pivots below ``r eps max|pivot| + tiny`` are replaced by that floor, so a zero (or rank
-    deficient) factor gives a finite inverse; the gradients it multiplies vanish there.
-    """
-    d = r.diagonal(dim1=-2, dim2=-1)
-    k = r.shape[-1]
-    floor = d.abs().amax(-1, keepdim=True) * (k * torch.finfo(r.dtype).eps) + tiny(r.dtype)
-    safe = r.triu(1) + torch.diag_embed(torch.where(d.abs() > floor, d, floor))
-    eye = torch.eye(k, dtype=r.dtype, device=r.device).expand_as(r)
-    return torch.linalg.solve_triangular(safe, eye, upper=True)
-
-
-def inverse_sqrt(v: torch.Tensor, eps: float) -> torch.Tensor:
-    """``U diag(1 / (sqrt(max(lambda, 0)) + eps)) U^T`` for a batch of symmetric matrices."""
-    lam, u = torch.linalg.eigh(v)
-    return (u * (1.0 / (lam.clamp_min(0.0).sqrt() + eps)).unsqueeze(-2)) @ u.mT
 
 
 class Prepared(NamedTuple):

@@ -168,7 +168,9 @@ class ScaledGD(LoRAOptimizer):
             grads += gbt.mT.to(dtype).contiguous().unbind(0)
         return params, grads
 
-    def _update(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    def _update(
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]
+    ) -> None:
         scaled_gd_update(params, grads, lr=group["lr"], weight_decay=group["weight_decay"])
 
 
@@ -194,10 +196,14 @@ class ScaledAdamW(ScaledGD):
         check_adamw_hparams(lr, betas, eps, weight_decay)
         super().__init__(params, lr, reg, weight_decay, betas=tuple(betas), eps=eps, fused=fused)
 
-    def _extra_defaults(self, *, betas: tuple[float, float], eps: float, fused: bool | None) -> dict[str, Any]:
+    def _extra_defaults(
+        self, *, betas: tuple[float, float], eps: float, fused: bool | None
+    ) -> dict[str, Any]:
         return dict(betas=betas, eps=eps, fused=fused)
 
-    def _update(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    def _update(
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]
+    ) -> None:
         beta1, beta2 = group["betas"]
         for (fused, *_), lists in adam_lists(self.state, params, grads, group["fused"]).items():
             adamw_update(

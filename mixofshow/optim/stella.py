@@ -1,7 +1,7 @@
 """StelLA: LoRA as ``U S V^T`` with U and V kept on the Stiefel manifold.
 
 Paper: "StelLA: Subspace Learning in Low-rank Adaptation using Stiefel Manifold", Zhizhong Li,
-Sina Sajadmanesh, Jingtao Li, Lingjuan Lyu, NeurIPS 2025, https://arxiv.org/abs/2510.01938.
+Sina Sajadmanesh, Jingtao Li, Lingjuan Lyu, 2025, https://arxiv.org/abs/2510.01938.
 Reference code: https://github.com/SonyResearch/stella (PEFT tuner with pre/post optimizer-step
 hooks around a Euclidean optimizer); this is an independent optimizer-side implementation.
 
@@ -141,7 +141,7 @@ SPECS = [
     OptimizerSpec(
         name="stella",
         cls=StelLA,
-        paper="Li, Sajadmanesh, Li & Lyu, NeurIPS 2025 (StelLA)",
+        paper="Li, Sajadmanesh, Li & Lyu, arXiv 2510.01938, 2025 (StelLA)",
         memory="2(m+n+r)r (Adam moments on U, S, V)",
         reconstructed=False,
         defaults={"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01},
