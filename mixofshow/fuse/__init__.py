@@ -1,0 +1,32 @@
+"""Multi-concept fusion: several ED-LoRA concepts into one model (Mix-of-Show's gradient fusion).
+
+Data flow: concept files (:mod:`.sources`) -> stages on one base pipeline (:mod:`.stages`:
+tokens, text encoder, cross-attention K/V, spatial layers), whose forward hooks accumulate
+float64 Gram statistics (:mod:`.gram`) -> per-layer solve (closed form, LBFGS or weight
+average) -> a compact fused file (:mod:`.io`) and optionally a diffusers folder (:mod:`.export`).
+"""
+
+from mixofshow.fuse.config import FuseConceptConfig, FuseConfig, load_fuse_config
+from mixofshow.fuse.gram import GramStats, objective, solve_closed_form, solve_lbfgs, weight_fusion
+from mixofshow.fuse.io import FUSED_FORMAT, FusedFile, FusedMeta, FusedModel, apply_fused, load_fused, save_fused
+from mixofshow.fuse.run import FuseOutcome, fuse_concepts
+
+__all__ = [
+    "FUSED_FORMAT",
+    "FuseConceptConfig",
+    "FuseConfig",
+    "FuseOutcome",
+    "FusedFile",
+    "FusedMeta",
+    "FusedModel",
+    "GramStats",
+    "apply_fused",
+    "fuse_concepts",
+    "load_fuse_config",
+    "load_fused",
+    "objective",
+    "save_fused",
+    "solve_closed_form",
+    "solve_lbfgs",
+    "weight_fusion",
+]
