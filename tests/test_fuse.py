@@ -202,7 +202,9 @@ def test_fused_file_loads_on_the_base_model_and_samples_both_concepts(fusion, tm
     save_fused(path, fused)
     _, meta = load_safetensors(path)
     assert meta["format"] == FUSED_FORMAT
-    assert [c["words"] for c in json.loads(meta["concepts"])] == list(WORDS.values())
+    concepts = json.loads(meta["concepts"])
+    assert [c["words"] for c in concepts] == list(WORDS.values())
+    assert concepts[1]["tokens"]["<dog2>"] == [f"<dog2_l{i}>" for i in range(fusion.num_layers)]
     pipe = embedded_pipeline_factory()
     model = load_adapter(pipe, path)  # what `mixofshow sample --concept fused.safetensors` does
     assert model.words == fused.meta.words

@@ -33,6 +33,8 @@ class FuseConfig:
     output: str = "runs/fused/fused.safetensors"  # the compact fused file
     base_model: str | None = None  # null: the base model recorded in the concept files
     base_model_config: str | None = None  # for a single-file base model: its diffusers config folder
+    # closed-form: seconds; lbfgs: the original's iterative solve (for comparison; minutes per
+    # layer on a CPU at SD 1.5 sizes); weight: the average W0 + sum_i (a_i / N) dW_i (no recording)
     method: Literal["closed-form", "lbfgs", "weight"] = "closed-form"
     diffusers_output: str | None = None  # also write a full diffusers folder here (null: no)
     ridge: float = 1e-6  # closed form: lam = ridge * mean(diag(sum_i G_i)), anchored at W0

@@ -25,7 +25,7 @@ Solvers (pure functions of the statistics):
   zero. ``lam = ridge * mean(diag G)`` (default ``ridge = 1e-6``): relative to the Gram's scale,
   so it means the same for a text layer and for a 64x64 self-attention layer. The ridge costs at
   most ``lam ||W - W0||^2`` of objective against any other W (LBFGS's included); at ``1e-4`` that
-  bias left rank-deficient text and K/V layers above the original's LBFGS objective in
+  bias left the rank-deficient K/V layers above the original's LBFGS objective in
   ``bench/fusion.py``, at ``1e-6`` every layer kind is below it, while the float64 Cholesky stays
   well conditioned (``cond <= ~1e6 n``) and uncovered directions still keep W0 to ~1e-10.
 - :func:`solve_lbfgs` -- the original's iterative solve: ``torch.optim.LBFGS`` (lr 1, history

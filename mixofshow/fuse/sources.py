@@ -7,7 +7,6 @@ a file that is missing or not a concept file.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,13 +14,12 @@ from pathlib import Path
 import torch
 
 from mixofshow.concepts.io import ConceptFile, load_concept
+from mixofshow.concepts.tokens import layer_token_names
 from mixofshow.fuse.config import FuseConceptConfig
 from mixofshow.models.embedded import EMBEDDED_NAME
 from mixofshow.utils.io import FileFormatError
 
 __all__ = ["FuseSource", "load_sources", "check_compatible", "same_base_model"]
-
-log = logging.getLogger(__name__)
 
 _EMBEDDED_ALIASES = {"embedded", EMBEDDED_NAME}
 TEXT, UNET = "text_encoder", "unet"
@@ -85,6 +83,7 @@ class FuseSource:
             "name": self.name,
             "file": Path(self.path).name,
             "words": meta.words,
+            "tokens": {w: layer_token_names(w, meta.num_layers) for w in meta.words},
             "prompt": self.prompt,
             "text_encoder_alpha": self.text_encoder_alpha,
             "unet_alpha": self.unet_alpha,
