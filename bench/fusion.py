@@ -34,8 +34,8 @@ form's objective / LBFGS's, summed over the model's layers (``--verbose`` shows 
 ``peak_mb`` = the closed form's peak working memory for one layer (Grams, one streamed chunk, the
 solve), measured as the peak RSS increase on CPU (``/proc/self/clear_refs``) or the peak
 allocation on CUDA; it does not grow with N. ``--verbose`` also prints LBFGS's peak (it stores
-every activation). Closed-form times under a second are the median of 3 runs (a busy machine's
-noise), LBFGS runs once. ``--quick`` keeps the iterations but shrinks the layers (text 192 wide,
+every activation). Closed-form times are the median of 3 runs (they are short, and a busy
+machine's noise shows), LBFGS runs once. ``--quick`` keeps the iterations but shrinks the layers (text 192 wide,
 K/V 80 x 192, one spatial kind 128 wide with 16 x 16 x 5 tokens) and N to 2, 5, 14: under a
 minute on CPU, one thread unless ``--threads``. On CPU the speedup is bounded by the ratio of float64 to float32 matrix-multiply
 speed (the closed form's Grams are float64, the original's LBFGS float32).
@@ -207,8 +207,8 @@ def run_kind(kind: Kind, concepts: int, device: torch.device, ridge: float, repe
     problem = Problem(kind, concepts, device)
     with PeakMemory(device) as mem_closed:
         closed_time, stats, w_closed = closed_form_run(problem, ridge)
-    if closed_time < 1.0:  # milliseconds, where a busy machine's noise shows: median of a few runs
-        closed_time = statistics.median([closed_time] + [closed_form_run(problem, ridge)[0] for _ in range(repeats - 1)])
+    # short, so a busy machine's noise shows: the median of a few runs (LBFGS runs once)
+    closed_time = statistics.median([closed_time] + [closed_form_run(problem, ridge)[0] for _ in range(repeats - 1)])
     # the original: store every input and output, then LBFGS
     with PeakMemory(device) as mem_lbfgs:
         inputs = torch.cat([x for i in range(concepts) for x in problem.chunks(i)])

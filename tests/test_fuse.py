@@ -341,3 +341,16 @@ def test_layers_no_concept_changes_are_left_alone(concept_files, tmp_path, embed
     key = next(iter(deltas))
     expected = 0.7 / 2 * sum(c.meta.scale * c.lora[key][1] @ c.lora[key][0] for c in (cat, dog))
     assert torch.allclose(deltas[key], expected, atol=1e-6)
+
+
+def test_zero_ridge_on_a_rank_deficient_system_keeps_the_base_weight_and_fits_exactly():
+    w0, xs, ws = _random_problem(rank=3, rows=(5, 4))
+    stats = _stats(xs, ws)
+    fused = solve_closed_form(stats, w0, ridge=0.0)
+    values, vectors = torch.linalg.eigh(stats.gram)
+    null = vectors[:, values < 1e-10 * values.max()]
+    assert ((fused - w0) @ null).norm() < 1e-8 * (w0 @ null).norm()
+    assert objective(fused, stats) < 1e-12 * objective(w0, stats)  # disjoint subspaces: exact fit
+    w0_before = w0.clone()
+    solve_closed_form(stats, w0)
+    assert torch.equal(w0, w0_before)  # the caller's weight is not modified

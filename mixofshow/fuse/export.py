@@ -46,6 +46,7 @@ def export_diffusers(pipe, folder: str | os.PathLike, meta: FusedMeta) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would make the finished folder private
         _save_materialised(pipe, tmp)
         info = asdict(meta) | {
             "note": "Concept words are layer-wise (<w_l0> .. <w_l{L-1}>): load with "

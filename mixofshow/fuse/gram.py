@@ -160,20 +160,24 @@ def solve_closed_form(stats: GramStats, w0: torch.Tensor, ridge: float = DEFAULT
     if stats.empty or stats.count == 0:
         return w0.to(torch.float64).clone()
     gram, cross = stats.gram, stats.cross
-    w0_64 = w0.to(device=gram.device, dtype=torch.float64)
+    w0_64 = w0.to(device=gram.device, dtype=torch.float64, copy=True)  # scaled in place below
     if gram.shape[0] != w0.shape[1] or cross.shape != w0.shape:
         raise ValueError(
             f"Gram statistics of shape {tuple(cross.shape)} do not match a weight of shape {tuple(w0.shape)}"
         )
     lam = ridge_lambda(gram, ridge)
-    if lam == 0.0 and ridge > 0:  # all-zero inputs: nothing to fit
-        return w0_64.clone()
-    system = gram + lam * torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
-    rhs = (cross + lam * w0_64).T  # (n, m); the system is symmetric, so solve for W^T
+    if float(gram.diagonal().max()) == 0.0:  # all-zero inputs: nothing to fit
+        return w0_64
+    system = gram.clone()
+    system.diagonal().add_(lam)
     chol, info = torch.linalg.cholesky_ex(system)
     if int(info) == 0:
+        rhs = w0_64.mul_(lam).add_(cross).T  # (n, m); the system is symmetric, so solve for W^T
         return torch.cholesky_solve(rhs, chol).T.contiguous()
-    return torch.linalg.solve(system, rhs).T.contiguous()
+    # not positive definite (ridge 0 on a rank-deficient Gram): the anchored minimum-norm change,
+    # W0 + (B - W0 G) G^+, the limit of the ridge solution as lam -> 0
+    residual = cross - w0_64 @ gram
+    return w0_64 + residual @ torch.linalg.pinv(system, hermitian=True)
 
 
 def solve_lbfgs(
