@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_sample import make_toy_concept
 
 from mixofshow.concepts.attention import num_cross_attention_layers
 from mixofshow.concepts.edlora import EDLoRA
@@ -20,14 +21,8 @@ from mixofshow.utils.io import load_safetensors
 
 @pytest.fixture(scope="module")
 def concept_path(tmp_path_factory, embedded_pipeline_factory):
-    model = EDLoRA(embedded_pipeline_factory(), ["<toy1>", "<toy2>"], init={"<toy2>": "toy"})
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for layer in model.all_layers().values():
-            layer.lora_down.copy_(torch.randn(layer.lora_down.shape, generator=gen) * 0.3)
-            layer.lora_up.copy_(torch.randn(layer.lora_up.shape, generator=gen) * 0.3)
     path = tmp_path_factory.mktemp("concept") / "toy.safetensors"
-    save_concept(path, model.to_concept_file(model.meta()))
+    make_toy_concept(path, embedded_pipeline_factory)
     return path
 
 

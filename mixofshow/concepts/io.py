@@ -13,15 +13,15 @@ num_layers, text_dim, optimizer, steps, replace_mapping, and free-form ``extra``
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mixofshow.utils.io import FileFormatError, load_safetensors, save_safetensors
+from mixofshow.utils.io import dataclass_from_metadata, dataclass_to_metadata
 
 __all__ = ["CONCEPT_FORMAT", "ConceptMeta", "ConceptFile", "save_concept", "load_concept"]
 
@@ -45,31 +45,13 @@ class ConceptMeta:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_strings(self) -> dict[str, str]:
-        out = {"format": CONCEPT_FORMAT}
-        for key, value in asdict(self).items():
-            out[key] = value if key in _RAW_STRINGS else json.dumps(value)
-        return out
+        return dataclass_to_metadata(self, CONCEPT_FORMAT, _RAW_STRINGS)
 
     @classmethod
     def from_strings(cls, meta: dict[str, str], where: str) -> "ConceptMeta":
-        fmt = meta.get("format")
-        if fmt != CONCEPT_FORMAT:
-            raise FileFormatError(
-                f"{where}: not a mixofshow concept file (metadata 'format' is {fmt!r}, expected "
-                f"{CONCEPT_FORMAT!r}); import Mix-of-Show .pth files with `mixofshow import`"
-            )
-        kwargs: dict[str, Any] = {}
-        for name in cls.__dataclass_fields__:
-            if name not in meta:
-                if name in ("base_model", "rank", "scale", "words", "num_layers", "text_dim"):
-                    raise FileFormatError(f"{where}: metadata key {name!r} is missing")
-                continue
-            raw = meta[name]
-            try:
-                kwargs[name] = raw if name in _RAW_STRINGS else json.loads(raw)
-            except json.JSONDecodeError:
-                raise FileFormatError(f"{where}: metadata key {name!r} is not valid JSON: {raw!r}") from None
-        return cls(**kwargs)
+        kind = "a mixofshow concept file (import Mix-of-Show .pth files with `mixofshow import`)"
+        required = ("base_model", "rank", "scale", "words", "num_layers", "text_dim")
+        return dataclass_from_metadata(cls, meta, where, CONCEPT_FORMAT, kind, _RAW_STRINGS, required)
 
 
 @dataclass

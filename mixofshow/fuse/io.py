@@ -21,9 +21,8 @@ installs the layer-wise attention processors; ``mixofshow sample`` calls it for 
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from mixofshow.concepts.attention import install_layerwise_attention, num_cross_
 from mixofshow.concepts.lora import LoRALinear
 from mixofshow.concepts.tokens import LayerwiseTextEncoder, add_concept_words, layer_token_names
 from mixofshow.utils.io import FileFormatError, load_safetensors, save_safetensors
+from mixofshow.utils.io import dataclass_from_metadata, dataclass_to_metadata
 
 __all__ = ["FUSED_FORMAT", "FusedMeta", "FusedFile", "FusedModel", "save_fused", "load_fused", "apply_fused"]
 
@@ -53,29 +53,15 @@ class FusedMeta:
     objectives: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_strings(self) -> dict[str, str]:
-        out = {"format": FUSED_FORMAT}
-        for key, value in asdict(self).items():
-            out[key] = value if isinstance(value, str) else json.dumps(value)
-        return out
+        return dataclass_to_metadata(self, FUSED_FORMAT, _RAW)
 
     @classmethod
     def from_strings(cls, meta: dict[str, str], where: str) -> "FusedMeta":
-        fmt = meta.get("format")
-        if fmt != FUSED_FORMAT:
-            raise FileFormatError(
-                f"{where}: not a fused model (metadata 'format' is {fmt!r}, expected {FUSED_FORMAT!r})"
-            )
-        kwargs: dict[str, Any] = {}
-        for name in cls.__dataclass_fields__:
-            if name not in meta:
-                if name in ("base_model", "num_layers", "text_dim", "words"):
-                    raise FileFormatError(f"{where}: metadata key {name!r} is missing")
-                continue
-            try:
-                kwargs[name] = meta[name] if name in ("base_model", "method") else json.loads(meta[name])
-            except json.JSONDecodeError:
-                raise FileFormatError(f"{where}: metadata key {name!r} is not valid JSON: {meta[name]!r}") from None
-        return cls(**kwargs)
+        required = ("base_model", "num_layers", "text_dim", "words")
+        return dataclass_from_metadata(cls, meta, where, FUSED_FORMAT, "a fused model", _RAW, required)
+
+
+_RAW = ("base_model", "method")  # stored as is; every other field as JSON
 
 
 @dataclass

@@ -6,6 +6,7 @@ folder, fsync, rename. A killed process leaves the old file or the new one, neve
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -25,6 +26,8 @@ __all__ = [
     "flatten_state",
     "unflatten_state",
     "FileFormatError",
+    "dataclass_to_metadata",
+    "dataclass_from_metadata",
 ]
 
 
@@ -124,3 +127,31 @@ def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(skeleton, list):
         return [unflatten_state(v, tensors) for v in skeleton]
     return skeleton
+
+
+def dataclass_to_metadata(obj: Any, fmt: str, raw: tuple[str, ...]) -> dict[str, str]:
+    """A metadata dataclass as safetensors metadata: fields in ``raw`` as is, the rest as JSON."""
+    out = {"format": fmt}
+    for key, value in dataclasses.asdict(obj).items():
+        out[key] = value if key in raw else json.dumps(value)
+    return out
+
+
+def dataclass_from_metadata(
+    cls: type, meta: dict[str, str], where: str, fmt: str, kind: str, raw: tuple[str, ...], required: tuple[str, ...]
+) -> Any:
+    """Inverse of :func:`dataclass_to_metadata`; errors name the file and the key."""
+    found = meta.get("format")
+    if found != fmt:
+        raise FileFormatError(f"{where}: not {kind} (metadata 'format' is {found!r}, expected {fmt!r})")
+    kwargs: dict[str, Any] = {}
+    for name in cls.__dataclass_fields__:
+        if name not in meta:
+            if name in required:
+                raise FileFormatError(f"{where}: metadata key {name!r} is missing")
+            continue
+        try:
+            kwargs[name] = meta[name] if name in raw else json.loads(meta[name])
+        except json.JSONDecodeError:
+            raise FileFormatError(f"{where}: metadata key {name!r} is not valid JSON: {meta[name]!r}") from None
+    return cls(**kwargs)
