@@ -8,7 +8,8 @@ For each concept count N it times, per kind of layer, both ways of solving
   strong Wolfe, tolerances 1e-16, best iterate kept), 500 iterations for text-encoder and K/V
   layers and 50 for spatial layers, as the original runs them;
 - ours (``mixofshow.fuse.gram``): activations streamed chunk by chunk (one sampler step or one
-  prompt batch at a time, as the forward hooks see them) into float64 Grams, nothing kept, then
+  prompt batch at a time, as the forward hooks see them) into float64 Grams, nothing kept, each
+  concept's change given as its LoRA factors (as ``mixofshow fuse`` does), then
   ``solve_closed_form`` (Cholesky, ridge anchored at W0).
 
 Layer kinds (SD 1.5; tokens per concept as the original records them):
@@ -32,10 +33,12 @@ estimate a whole SD 1.5 fusion. One line per N::
 ``speedup`` = LBFGS time / closed-form time (whole model); ``objective_ratio`` = the closed
 form's objective / LBFGS's, summed over the model's layers (``--verbose`` shows every kind);
 ``peak_mb`` = the closed form's peak working memory for one layer (Grams, one streamed chunk, the
-solve), measured as the peak RSS increase on CPU (``/proc/self/clear_refs``) or the peak
-allocation on CUDA; it does not grow with N. ``--verbose`` also prints LBFGS's peak (it stores
-every activation). Closed-form times are the median of 3 runs (they are short, and a busy
-machine's noise shows), LBFGS runs once. ``--quick`` keeps the iterations but shrinks the layers (text 192 wide,
+solve), measured in a separate, untimed run as the peak RSS increase on CPU
+(``/proc/self/clear_refs``, with glibc set to map and unmap every allocation >= 64 KiB, so that
+the block's own tensors count) or the peak allocation on CUDA; it does not grow with N.
+``--verbose`` also prints the size of the activations LBFGS stores. Timed runs use glibc's
+normal reuse of freed memory for both methods. Closed-form times are the median of 3 runs (they
+are short, and a busy machine's noise shows), LBFGS runs once. ``--quick`` keeps the iterations but shrinks the layers (text 192 wide,
 K/V 80 x 192, one spatial kind 128 wide with 16 x 16 x 5 tokens) and N to 2, 5, 14: under a
 minute on CPU, one thread unless ``--threads``. On CPU the speedup is bounded by the ratio of float64 to float32 matrix-multiply
 speed (the closed form's Grams are float64, the original's LBFGS float32).
@@ -55,7 +58,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from mixofshow.fuse.gram import GramStats, objective, solve_closed_form
+from mixofshow.fuse.gram import GramStats, LowRank, objective, solve_closed_form
 
 
 @dataclass(frozen=True)
@@ -103,13 +106,13 @@ class Problem:
         self.mix = (basis * spectrum).T.contiguous().to(device)  # rows @ mix: heavy-tailed spectrum
         self.mean = (0.3 * torch.randn(n, generator=gen)).to(device)
         self.w0 = (torch.randn(m, n, generator=gen) / math.sqrt(n)).to(device)
-        self.targets, self.means = [], []
+        self.targets, self.changes, self.means = [], [], []
         for _ in range(concepts):
             a = torch.randn(4, n, generator=gen)
             b = torch.randn(m, 4, generator=gen)
-            delta = b @ a
-            delta *= 0.05 * self.w0.norm().cpu() / delta.norm()
-            self.targets.append(self.w0 + delta.to(device))
+            b *= 0.05 * self.w0.norm().cpu() / (b @ a).norm()
+            self.changes.append(LowRank(b.to(device), a.to(device)))  # the concept's LoRA
+            self.targets.append(self.w0 + self.changes[-1].dense())  # its weight, for the original
             self.means.append((0.2 * torch.randn(n, generator=gen)).to(device))
         self.seed = seed
 
@@ -147,7 +150,13 @@ def original_lbfgs(inputs: torch.Tensor, outputs: torch.Tensor, w0: torch.Tensor
 
 
 class PeakMemory:
-    """Peak memory increase of a block: CUDA allocator peak, or peak RSS via /proc/self/clear_refs."""
+    """Peak memory increase of a block: CUDA allocator peak, or peak RSS via /proc/self/clear_refs.
+
+    On CPU, glibc is told for the block to serve every allocation >= 64 KiB by mmap and to give it
+    back on free, after returning all free memory to the system, so the peak RSS counts the
+    block's own tensors and not memory freed earlier and reused. That makes every allocation
+    fault its pages in, so the block is not timed; afterwards glibc goes back to reusing memory.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -159,6 +168,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.start = torch.cuda.memory_allocated()
         else:
+            _malloc_mode(exact=True)
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset the high-water mark to the current RSS
             self.start = _status_kb("VmRSS") * 1024
@@ -170,6 +180,18 @@ class PeakMemory:
             self.mb = (torch.cuda.max_memory_allocated() - self.start) / 2**20
         else:
             self.mb = max(0.0, (_status_kb("VmHWM") * 1024 - self.start) / 2**20)
+            _malloc_mode(exact=False)
+
+
+def _malloc_mode(exact: bool) -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    if exact:
+        libc.malloc_trim(0)
+    libc.mallopt(-3, 64 * 1024 if exact else 32 * 2**20)  # M_MMAP_THRESHOLD (32 MiB: glibc's maximum)
+    libc.mallopt(-1, 128 * 1024 if exact else 2**30)  # M_TRIM_THRESHOLD
 
 
 def _status_kb(key: str) -> int:
@@ -188,37 +210,39 @@ def _sync(device: torch.device) -> None:
 def closed_form_run(problem: Problem, ridge: float) -> tuple[float, GramStats, torch.Tensor]:
     """Stream every concept's chunks into the Grams and solve; only the update and solve are timed."""
     device, seconds = problem.device, 0.0
-    stats = GramStats()
+    stats = GramStats(problem.w0)
     for i in range(problem.concepts):
         for x in problem.chunks(i):  # the model makes the activations; the hooks see them one by one
             _sync(device)
             t = time.perf_counter()
-            stats.update(x, problem.targets[i])
+            stats.update(x, problem.changes[i])
             _sync(device)
             seconds += time.perf_counter() - t
             del x
     t = time.perf_counter()
-    weight = solve_closed_form(stats, problem.w0, ridge)
+    weight = solve_closed_form(stats, ridge)
     _sync(device)
     return seconds + time.perf_counter() - t, stats, weight
 
 
 def run_kind(kind: Kind, concepts: int, device: torch.device, ridge: float, repeats: int = 3) -> dict:
     problem = Problem(kind, concepts, device)
-    with PeakMemory(device) as mem_closed:
-        closed_time, stats, w_closed = closed_form_run(problem, ridge)
+    with PeakMemory(device) as mem_closed:  # untimed: exact accounting slows allocations down
+        closed_form_run(problem, ridge)
     # short, so a busy machine's noise shows: the median of a few runs (LBFGS runs once)
-    closed_time = statistics.median([closed_time] + [closed_form_run(problem, ridge)[0] for _ in range(repeats - 1)])
+    runs = [closed_form_run(problem, ridge) for _ in range(repeats)]
+    closed_time = statistics.median(r[0] for r in runs)
+    _, stats, w_closed = runs[0]
     # the original: store every input and output, then LBFGS
-    with PeakMemory(device) as mem_lbfgs:
-        inputs = torch.cat([x for i in range(concepts) for x in problem.chunks(i)])
-        outputs = torch.cat([x @ problem.targets[i].T for i in range(concepts) for x in problem.chunks(i)])
-        _sync(device)
-        t = time.perf_counter()
-        w_lbfgs = original_lbfgs(inputs, outputs, problem.w0, kind.iters)
-        _sync(device)
-        lbfgs_time = time.perf_counter() - t
-        del inputs, outputs
+    inputs = torch.cat([x for i in range(concepts) for x in problem.chunks(i)])
+    outputs = torch.cat([x @ problem.targets[i].T for i in range(concepts) for x in problem.chunks(i)])
+    stored_mb = (inputs.numel() * inputs.element_size() + outputs.numel() * outputs.element_size()) / 2**20
+    _sync(device)
+    t = time.perf_counter()
+    w_lbfgs = original_lbfgs(inputs, outputs, problem.w0, kind.iters)
+    _sync(device)
+    lbfgs_time = time.perf_counter() - t
+    del inputs, outputs
     return {
         "closed_time": closed_time,
         "lbfgs_time": lbfgs_time,
@@ -226,18 +250,8 @@ def run_kind(kind: Kind, concepts: int, device: torch.device, ridge: float, repe
         "lbfgs_obj": objective(w_lbfgs, stats),
         "base_obj": objective(problem.w0, stats),
         "closed_mb": mem_closed.mb,
-        "lbfgs_mb": mem_lbfgs.mb,
+        "lbfgs_mb": stored_mb,
     }
-
-
-def _exact_malloc_accounting() -> None:
-    # glibc: serve every allocation >= 64 KiB by mmap and give it back on free, so that the peak
-    # RSS of a block counts its own tensors (and not memory freed earlier and reused)
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
-    except OSError:
-        pass
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -256,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
         # quick layers are small: one thread is the efficient choice for both methods, and on a
         # shared machine it keeps other processes from turning every small op into a wait
         torch.set_num_threads(args.threads or 1)
-    _exact_malloc_accounting()
+    _malloc_mode(exact=False)
     device = torch.device(args.device)
     text_iters = args.lbfgs_iters or 500
     spatial_iters = args.lbfgs_spatial_iters or 50
@@ -282,8 +296,8 @@ def main(argv: list[str] | None = None) -> None:
                 r = results[kind.name]
                 print(f"#   N={concepts} {kind.name:8s} x{kind.count:<3d} lbfgs {r['lbfgs_time']:8.3f}s "
                       f"closed {r['closed_time']:7.4f}s  objective/base: lbfgs {r['lbfgs_obj'] / r['base_obj']:.3e} "
-                      f"closed {r['closed_obj'] / r['base_obj']:.3e}  peak MB: lbfgs {r['lbfgs_mb']:.0f} "
-                      f"closed {r['closed_mb']:.0f}")
+                      f"closed {r['closed_obj'] / r['base_obj']:.3e}  MB: lbfgs stores {r['lbfgs_mb']:.0f}, "
+                      f"closed-form peak {r['closed_mb']:.0f}")
         peak = max(r["closed_mb"] for r in results.values())
         print(f"concepts={concepts} speedup={total['lbfgs_time'] / total['closed_time']:.1f} "
               f"objective_ratio={total['closed_obj'] / total['lbfgs_obj']:.4g} peak_mb={peak:.1f}", flush=True)

@@ -13,7 +13,17 @@ from mixofshow.cli import main as cli_main
 from mixofshow.concepts.edlora import EDLoRA
 from mixofshow.concepts.io import load_concept, save_concept
 from mixofshow.fuse.config import FuseConceptConfig, FuseConfig, load_fuse_config
-from mixofshow.fuse.gram import GramStats, objective, ridge_lambda, solve_closed_form, solve_lbfgs, weight_fusion
+from mixofshow.fuse.gram import (
+    GramStats,
+    LowRank,
+    add_gram_,
+    objective,
+    ridge_lambda,
+    solve_closed_form,
+    solve_lbfgs,
+    symmetrize_,
+    weight_fusion,
+)
 from mixofshow.fuse.io import FUSED_FORMAT, apply_fused, load_fused, save_fused
 from mixofshow.fuse.run import fuse_concepts
 from mixofshow.fuse.sources import load_sources
@@ -84,45 +94,62 @@ def _random_problem(n=24, m=10, rows=(40, 30), seed=0, rank=None):
     return w0, xs, ws
 
 
-def _stats(xs, ws, chunk=7):
-    stats = GramStats()
+def _stats(w0, xs, ws, chunk=7, low_rank=False):
+    stats = GramStats(w0)
     for x, w in zip(xs, ws):
+        delta = w - w0
+        if low_rank:  # the same change as factors (full rank here)
+            u, s, vt = torch.linalg.svd(delta, full_matrices=False)
+            delta = LowRank(u * s, vt)
         for start in range(0, x.shape[0], chunk):  # several hook calls per concept
-            stats.update(x[start:start + chunk], w)
+            stats.update(x[start:start + chunk], delta)
     return stats.finalize()
 
 
 def test_closed_form_equals_least_squares_of_the_stacked_system():
     w0, xs, ws = _random_problem()
-    stats = _stats(xs, ws)
+    stats = _stats(w0, xs, ws)
     ridge = 1e-3
     lam = ridge_lambda(stats.gram, ridge)
     # min_W sum_i ||X_i W^T - X_i W_i^T||^2 + lam ||W - W0||^2 as one stacked least-squares system
     lhs = torch.cat(xs + [math.sqrt(lam) * torch.eye(w0.shape[1], dtype=torch.float64)])
     rhs = torch.cat([x @ w.T for x, w in zip(xs, ws)] + [math.sqrt(lam) * w0.T])
     expected = torch.linalg.lstsq(lhs, rhs).solution.T
-    got = solve_closed_form(stats, w0, ridge)
-    assert torch.allclose(got, expected, rtol=1e-9, atol=1e-10)
-    direct = sum(((x @ got.T - x @ w.T) ** 2).sum() for x, w in zip(xs, ws))
-    assert objective(got, stats) == pytest.approx(float(direct), rel=1e-9)
+    for low_rank in (False, True):
+        stats = _stats(w0, xs, ws, low_rank=low_rank)
+        got = solve_closed_form(stats, ridge)
+        assert torch.allclose(got, expected, rtol=1e-9, atol=1e-10)
+        for weight in (got, w0, ws[0]):
+            direct = sum(((x @ weight.T - x @ w.T) ** 2).sum() for x, w in zip(xs, ws))
+            assert objective(weight, stats) == pytest.approx(float(direct), rel=1e-9)
 
 
 def test_gram_stats_chunking_and_merging_do_not_change_the_result():
     w0, xs, ws = _random_problem(seed=1)
-    one = _stats(xs, ws, chunk=1000)
-    chunked = _stats(xs, ws, chunk=3)
-    merged = _stats(xs[:1], ws[:1]).merged(_stats(xs[1:], ws[1:]))
+    one = _stats(w0, xs, ws, chunk=1000)
+    chunked = _stats(w0, xs, ws, chunk=3)
+    merged = _stats(w0, xs[:1], ws[:1]).merged(_stats(w0, xs[1:], ws[1:], low_rank=True))
     for other in (chunked, merged):
         assert other.count == one.count == sum(x.shape[0] for x in xs)
-        assert torch.allclose(other.gram, one.gram) and torch.allclose(other.cross, one.cross)
+        assert torch.allclose(other.gram, one.gram) and torch.allclose(other.cross(), one.cross())
         assert other.const == pytest.approx(one.const, rel=1e-12)
+
+
+@pytest.mark.parametrize("n", [40, 300, 517])
+def test_symmetric_panel_gram_equals_the_plain_product(n):
+    x = torch.randn(50, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    add_gram_(gram, x[:20])
+    add_gram_(gram, x[20:])
+    assert torch.allclose(symmetrize_(gram), x.T @ x, rtol=1e-12, atol=1e-12)
+    assert torch.equal(gram, gram.T)
 
 
 def test_uncovered_directions_keep_the_base_weight_on_random_data():
     # rank 6 inputs in 24 dimensions: like text and K/V layers, the system is rank-deficient
     w0, xs, ws = _random_problem(rank=3, rows=(5, 4))
-    stats = _stats([x.float() for x in xs], ws)  # fp32 activations as the hooks see them
-    fused = solve_closed_form(stats, w0.float())
+    stats = _stats(w0.float(), [x.float() for x in xs], [w.float() for w in ws])  # fp32, as the hooks see them
+    fused = solve_closed_form(stats)
     values, vectors = torch.linalg.eigh(stats.gram)
     null = vectors[:, values < 1e-10 * values.max()]
     assert null.shape[1] == 24 - 6
@@ -184,8 +211,8 @@ def test_lbfgs_objective_is_never_below_the_closed_form(fusion):
         stats = fusion.record(stage)
         for key in fusion.keys[stage]:
             s, w0 = stats[key], fusion.base[key]
-            closed = solve_closed_form(s, w0, fusion.config.ridge)
-            lbfgs = solve_lbfgs(s, w0, iters=50 if stage == "spatial" else 100)
+            closed = solve_closed_form(s, fusion.config.ridge)
+            lbfgs = solve_lbfgs(s, iters=50 if stage == "spatial" else 100)
             # the ridge solution minimises f + lam ||W - W0||^2, so for any W (LBFGS's included):
             # f(closed) <= f(W) + lam ||W - W0||^2; beyond that only float64 rounding is allowed
             slack = ridge_lambda(s.gram, fusion.config.ridge) * float((lbfgs - w0.double()).norm() ** 2)
@@ -345,12 +372,12 @@ def test_layers_no_concept_changes_are_left_alone(concept_files, tmp_path, embed
 
 def test_zero_ridge_on_a_rank_deficient_system_keeps_the_base_weight_and_fits_exactly():
     w0, xs, ws = _random_problem(rank=3, rows=(5, 4))
-    stats = _stats(xs, ws)
-    fused = solve_closed_form(stats, w0, ridge=0.0)
+    stats = _stats(w0, xs, ws)
+    fused = solve_closed_form(stats, ridge=0.0)
     values, vectors = torch.linalg.eigh(stats.gram)
     null = vectors[:, values < 1e-10 * values.max()]
     assert ((fused - w0) @ null).norm() < 1e-8 * (w0 @ null).norm()
     assert objective(fused, stats) < 1e-12 * objective(w0, stats)  # disjoint subspaces: exact fit
     w0_before = w0.clone()
-    solve_closed_form(stats, w0)
+    solve_closed_form(stats)
     assert torch.equal(w0, w0_before)  # the caller's weight is not modified

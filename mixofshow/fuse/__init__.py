@@ -7,7 +7,7 @@ average) -> a compact fused file (:mod:`.io`) and optionally a diffusers folder 
 """
 
 from mixofshow.fuse.config import FuseConceptConfig, FuseConfig, load_fuse_config
-from mixofshow.fuse.gram import GramStats, objective, solve_closed_form, solve_lbfgs, weight_fusion
+from mixofshow.fuse.gram import GramStats, LowRank, objective, solve_closed_form, solve_lbfgs, weight_fusion
 from mixofshow.fuse.io import FUSED_FORMAT, FusedFile, FusedMeta, FusedModel, apply_fused, load_fused, save_fused
 from mixofshow.fuse.run import FuseOutcome, fuse_concepts
 
@@ -20,6 +20,7 @@ __all__ = [
     "FusedMeta",
     "FusedModel",
     "GramStats",
+    "LowRank",
     "apply_fused",
     "fuse_concepts",
     "load_fuse_config",

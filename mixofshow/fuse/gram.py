@@ -2,32 +2,38 @@
 
 Gradient fusion (Mix-of-Show) solves, for every adapted linear layer,
 
-    W* = argmin_W  sum_i || W X_i - W_i X_i ||^2,      W_i = W0 + a_i dW_i,
+    W* = argmin_W  sum_i || W X_i - W_i X_i ||^2,      W_i = W0 + D_i   (D_i = a_i s B_i A_i),
 
-where ``X_i`` (n x T_i) are the layer's inputs while concept i's own model runs. The objective
-depends on the data only through
+where ``X_i`` (n x T_i) are the layer's inputs while concept i's own model runs. Written for the
+change ``E = W - W0``, the objective depends on the data only through
 
-    G = sum_i X_i X_i^T  (n x n),   B = sum_i W_i X_i X_i^T  (m x n),   c = sum_i ||W_i X_i||^2,
+    G = sum_i X_i X_i^T  (n x n),   C = sum_i D_i X_i X_i^T  (m x n),   c = sum_i ||D_i X_i||^2,
 
-    f(W) = tr(W G W^T) - 2 tr(W B^T) + c,
+    f(W) = tr(E G E^T) - 2 tr(E C^T) + c,
 
 so :class:`GramStats` accumulates exactly these, in float64, call by call (forward hooks feed it
-one batch at a time; no activation is ever kept). Memory is at most ``2 n^2 + m n`` numbers per
-layer while recording (``G``, ``B`` and the current concept's pending Gram), whatever the number
-of concepts or recorded tokens.
+one batch at a time; no activation is ever kept). A concept's rows first go into a pending Gram
+``P``; when the next concept starts, ``P`` is folded in. Concept changes are LoRAs, so ``D_i`` is
+kept low-rank (:class:`LowRank`, ``up`` m x r, ``down`` r x n) and ``C = sum_i up_i (down_i P_i)``
+is stored as its factors: folding costs ``r n^2`` instead of ``m n^2``, and the solve below needs
+``N r`` right-hand sides instead of ``m``. Dense changes (m x n) are accepted too. Memory while
+recording is ``2 n^2`` numbers per layer (``G`` and ``P``) plus ``(m + n) r`` per concept,
+whatever the number of recorded tokens. ``G`` and ``P`` are symmetric: for wide layers only the
+blocks on and above the diagonal are multiplied (:func:`add_gram_`).
 
 Solvers (pure functions of the statistics):
 
 - :func:`solve_closed_form` -- the normal equations with a ridge anchored at the base weight,
-  ``W = (B + lam W0)(G + lam I)^-1``. Text and K/V systems are rank-deficient (N concepts x a few
-  tokens < n): on input directions no concept covers (``G v = 0``) this gives ``W v = W0 v``
-  exactly, as the original's LBFGS started at W0 does; an unanchored ridge would send them to
-  zero. ``lam = ridge * mean(diag G)`` (default ``ridge = 1e-6``): relative to the Gram's scale,
-  so it means the same for a text layer and for a 64x64 self-attention layer. The ridge costs at
-  most ``lam ||W - W0||^2`` of objective against any other W (LBFGS's included); at ``1e-4`` that
-  bias left the rank-deficient K/V layers above the original's LBFGS objective in
-  ``bench/fusion.py``, at ``1e-6`` every layer kind is below it, while the float64 Cholesky stays
-  well conditioned (``cond <= ~1e6 n``) and uncovered directions still keep W0 to ~1e-10.
+  ``W = (sum_i W_i P_i + lam W0)(G + lam I)^-1 = W0 + C (G + lam I)^-1``. Text and K/V systems
+  are rank-deficient (N concepts x a few tokens < n): on input directions no concept covers
+  (``G v = 0``) this gives ``W v = W0 v`` exactly, as the original's LBFGS started at W0 does; an
+  unanchored ridge would send them to zero. ``lam = ridge * mean(diag G)`` (default
+  ``ridge = 1e-6``): relative to the Gram's scale, so it means the same for a text layer and for
+  a 64x64 self-attention layer. The ridge costs at most ``lam ||W - W0||^2`` of objective against
+  any other W (LBFGS's included); at ``1e-4`` that bias left the rank-deficient K/V layers above
+  the original's LBFGS objective in ``bench/fusion.py``, at ``1e-6`` every layer kind is below it,
+  while the float64 Cholesky stays well conditioned (``cond <= ~1e6 n``) and uncovered directions
+  still keep W0 to ~1e-10.
 - :func:`solve_lbfgs` -- the original's iterative solve: ``torch.optim.LBFGS`` (lr 1, history
   25, strong Wolfe, tolerances 1e-16) from W0, keeping the best iterate; here on the Gram form of
   the objective (float64) instead of on stored activations.
@@ -38,12 +44,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 __all__ = [
     "GramStats",
+    "LowRank",
+    "add_gram_",
+    "symmetrize_",
     "objective",
     "ridge_lambda",
     "solve_closed_form",
@@ -52,59 +61,129 @@ __all__ = [
 ]
 
 DEFAULT_RIDGE = 1e-6
+_PANEL_WIDTH = 128  # columns per panel of the symmetric Gram product (the fastest width measured)
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
+class LowRank:
+    """A weight change ``up @ down`` (``up`` m x r, ``down`` r x n), e.g. ``a s B A`` of a LoRA."""
+
+    up: torch.Tensor
+    down: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.up.dim() != 2 or self.down.dim() != 2 or self.up.shape[1] != self.down.shape[0]:
+            raise ValueError(
+                f"LowRank factors of shapes {tuple(self.up.shape)} and {tuple(self.down.shape)} do not chain"
+            )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.up.shape[0], self.down.shape[1])
+
+    def dense(self) -> torch.Tensor:
+        return self.up @ self.down
+
+
+Delta = torch.Tensor | LowRank | None  # a concept's change of one layer (None: it left it alone)
+
+
+@torch.no_grad()
+def add_gram_(gram: torch.Tensor, x: torch.Tensor) -> None:
+    """``gram += x^T x`` on and above the diagonal blocks (below them: left as is).
+
+    Wide Grams are computed in column panels of ``_PANEL_WIDTH``, each only from its diagonal
+    block rightwards (about half the work of the full product; 1.35-1.6x faster in float64 on a
+    2-core CPU for widths 320-1280); finish with :func:`symmetrize_`.
+    """
+    n = x.shape[1]
+    if n < 2 * _PANEL_WIDTH:
+        gram.addmm_(x.T, x)
+        return
+    for start in range(0, n, _PANEL_WIDTH):
+        stop = start + _PANEL_WIDTH
+        gram[start:stop, start:].addmm_(x[:, start:stop].T, x[:, start:])
+
+
+def symmetrize_(gram: torch.Tensor) -> torch.Tensor:
+    """Mirror the strict upper triangle of a Gram built by :func:`add_gram_` into the lower one."""
+    diagonal = gram.diagonal().clone()
+    upper = gram.triu(1)
+    torch.add(upper, upper.T, out=gram)
+    gram.diagonal().copy_(diagonal)
+    return gram
+
+
 class GramStats:
-    """Running ``G = sum X X^T``, ``B = sum W_i X X^T``, ``c = sum ||W_i X||^2`` of one layer (float64).
+    """Running ``G``, ``C`` and ``c`` of one layer with base weight ``base`` (m x n), in float64.
 
-    ``update(x, W_i)`` adds rows to a pending Gram ``P`` of the current target weight; when a
-    different target tensor arrives (the next concept) or on :meth:`finalize`, ``P`` is folded in:
-    ``G += P``, ``B += W_i P``, ``c += tr(W_i P W_i^T)``. That costs ``T n^2`` per call plus
-    ``m n^2`` per concept, instead of ``3 T n^2`` for forming ``W_i x`` on every call. Targets are
-    told apart by identity: pass the same tensor object for all rows of one concept and do not
-    modify it in place before the next concept or ``finalize()``. ``count`` is the number of rows.
+    ``update(x, delta)`` adds rows ``x`` (..., n) of a concept whose weight is ``base + delta``
+    (:class:`LowRank`, a dense m x n tensor, or None for a concept that left the layer alone).
+    Concepts are told apart by the identity of ``delta``: pass the same object for all rows of one
+    concept, and a new one for the next. ``count`` is the number of rows.
     """
 
-    gram: torch.Tensor | None = None  # n x n
-    cross: torch.Tensor | None = None  # m x n
-    const: float = 0.0
-    count: int = 0
-    _pending: torch.Tensor | None = field(default=None, repr=False)
-    _pending_target: torch.Tensor | None = field(default=None, repr=False)
-    _const_t: torch.Tensor | None = field(default=None, repr=False)  # on-device running c
+    def __init__(self, base: torch.Tensor) -> None:
+        if base.dim() != 2:
+            raise ValueError(f"GramStats needs a 2-d base weight, got shape {tuple(base.shape)}")
+        self.base = base
+        self.gram: torch.Tensor | None = None  # n x n
+        self.dense_cross: torch.Tensor | None = None  # m x n: sum of dense changes' D P
+        self.ups: list[torch.Tensor] = []  # m x r per low-rank change
+        self.projs: list[torch.Tensor] = []  # down P, r x n per low-rank change
+        self.const = 0.0
+        self.count = 0
+        self._pending: torch.Tensor | None = None
+        self._pending_delta: Delta = None
+        self._const_t: torch.Tensor | None = None  # on-device running c
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.base.shape)
 
     @torch.no_grad()
-    def update(self, inputs: torch.Tensor, target_weight: torch.Tensor) -> None:
-        """Add rows ``inputs`` (..., n) whose target outputs are ``target_weight @ x`` (m x n)."""
-        x = inputs.reshape(-1, inputs.shape[-1]).to(torch.float64)
+    def update(self, inputs: torch.Tensor, delta: Delta) -> None:
+        """Add rows ``inputs`` (..., n) whose target outputs are ``(base + delta) @ x``."""
+        m, n = self.shape
+        if inputs.shape[-1] != n:
+            raise ValueError(f"Inputs of width {inputs.shape[-1]} for a weight of shape {(m, n)}")
+        if delta is not None and tuple(delta.shape) != (m, n):
+            raise ValueError(f"A change of shape {tuple(delta.shape)} for a weight of shape {(m, n)}")
+        x = inputs.reshape(-1, n).to(torch.float64)
         if x.shape[0] == 0:
             return
-        if target_weight.shape[-1] != x.shape[1]:
-            raise ValueError(f"Inputs of width {x.shape[1]} for a weight of shape {tuple(target_weight.shape)}")
-        if self._pending_target is not target_weight:
+        if self._pending is None or self._pending_delta is not delta:
             self._flush()
-            self._pending = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-            self._pending_target = target_weight
-        self._pending.addmm_(x.T, x)
+            self._pending = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+            self._pending_delta = delta
+        add_gram_(self._pending, x)
         self.count += x.shape[0]
 
     @torch.no_grad()
     def _flush(self) -> None:
         if self._pending is None:
             return
-        pending, self._pending = self._pending, None
-        w = self._pending_target.to(device=pending.device, dtype=torch.float64)
-        self._pending_target = None
-        wp = w @ pending
+        pending, delta = symmetrize_(self._pending), self._pending_delta
+        self._pending, self._pending_delta = None, None
         if self.gram is None:
             self.gram = pending
-            self.cross = wp
-            self._const_t = (wp * w).sum()
         else:
             self.gram += pending
-            self.cross += wp
-            self._const_t = self._const_t + (wp * w).sum()
+        if delta is None:
+            return
+        f64 = {"device": pending.device, "dtype": torch.float64}
+        if isinstance(delta, LowRank):
+            up, down = delta.up.to(**f64), delta.down.to(**f64)
+            proj = down @ pending  # r x n
+            self.ups.append(up)
+            self.projs.append(proj)
+            const = ((proj @ down.T) * (up.T @ up)).sum()  # tr(up down P down^T up^T)
+        else:
+            d = delta.to(**f64)
+            dp = d @ pending
+            self.dense_cross = dp if self.dense_cross is None else self.dense_cross + dp
+            const = (dp * d).sum()
+        self._const_t = const if self._const_t is None else self._const_t + const
 
     def finalize(self) -> "GramStats":
         """Fold in the pending rows and move the running constant to ``const`` (one device sync)."""
@@ -114,23 +193,46 @@ class GramStats:
             self._const_t = None
         return self
 
+    def cross(self) -> torch.Tensor | None:
+        """``C = sum_i D_i P_i`` as one m x n float64 matrix (None when nothing was recorded)."""
+        self.finalize()
+        if self.gram is None:
+            return None
+        out = torch.zeros(self.shape, dtype=torch.float64, device=self.gram.device)
+        if self.dense_cross is not None:
+            out += self.dense_cross
+        if self.ups:
+            out += torch.cat(self.ups, 1) @ torch.cat(self.projs, 0)
+        return out
+
     def merged(self, other: "GramStats") -> "GramStats":
         """The statistics of both sets of rows (for combining per-concept recordings)."""
         a, b = self.finalize(), other.finalize()
+        if a.shape != b.shape or not torch.equal(a.base.cpu(), b.base.cpu()):
+            raise ValueError("Cannot merge Gram statistics of different base weights")
         if a.gram is None:
             return b
         if b.gram is None:
             return a
-        return GramStats(
-            a.gram + b.gram.to(a.gram.device),
-            a.cross + b.cross.to(a.cross.device),
-            a.const + b.const,
-            a.count + b.count,
-        )
+        dev = a.gram.device
+        out = GramStats(a.base)
+        out.gram = a.gram + b.gram.to(dev)
+        dense = [d.to(dev) for d in (a.dense_cross, b.dense_cross) if d is not None]
+        out.dense_cross = sum(dense[1:], dense[0]) if dense else None
+        out.ups = a.ups + [u.to(dev) for u in b.ups]
+        out.projs = a.projs + [p.to(dev) for p in b.projs]
+        out.const, out.count = a.const + b.const, a.count + b.count
+        return out
 
     @property
     def empty(self) -> bool:
         return self.gram is None and self._pending is None
+
+
+def _change(weight: torch.Tensor, stats: GramStats) -> torch.Tensor:
+    """``E = W - W0`` in float64 on the statistics' device."""
+    f64 = {"device": stats.gram.device, "dtype": torch.float64}
+    return weight.to(**f64) - stats.base.to(**f64)
 
 
 def objective(weight: torch.Tensor, stats: GramStats) -> float:
@@ -138,8 +240,12 @@ def objective(weight: torch.Tensor, stats: GramStats) -> float:
     stats.finalize()
     if stats.empty:
         return 0.0
-    w = weight.to(device=stats.gram.device, dtype=torch.float64)
-    value = ((w @ stats.gram) * w).sum() - 2.0 * (w * stats.cross).sum() + stats.const
+    e = _change(weight, stats)
+    value = ((e @ stats.gram) * e).sum() + stats.const
+    if stats.dense_cross is not None:
+        value -= 2.0 * (e * stats.dense_cross).sum()
+    for up, proj in zip(stats.ups, stats.projs):
+        value -= 2.0 * ((up.T @ e) * proj).sum()  # tr(E proj^T up^T)
     return max(float(value), 0.0)  # a sum of squares; below ~1e-16 c the expansion only rounds
 
 
@@ -151,57 +257,62 @@ def ridge_lambda(gram: torch.Tensor, ridge: float = DEFAULT_RIDGE) -> float:
 
 
 @torch.no_grad()
-def solve_closed_form(stats: GramStats, w0: torch.Tensor, ridge: float = DEFAULT_RIDGE) -> torch.Tensor:
-    """``W = (B + lam W0)(G + lam I)^-1`` in float64 (Cholesky; LU if the matrix is not SPD).
+def solve_closed_form(stats: GramStats, ridge: float = DEFAULT_RIDGE) -> torch.Tensor:
+    """``W = W0 + C (G + lam I)^-1`` in float64 (Cholesky; the pseudo-inverse if not SPD).
 
-    Returns float64 on the statistics' device; W0 itself when no inputs were recorded.
+    Low-rank changes make ``C^T = [proj_1^T ...] [up_1 ...]^T``, so the solve has ``N r``
+    right-hand sides. Returns float64 on the statistics' device; W0 when no inputs were recorded.
     """
     stats.finalize()
     if stats.empty or stats.count == 0:
-        return w0.to(torch.float64).clone()
-    gram, cross = stats.gram, stats.cross
-    w0_64 = w0.to(device=gram.device, dtype=torch.float64, copy=True)  # scaled in place below
-    if gram.shape[0] != w0.shape[1] or cross.shape != w0.shape:
-        raise ValueError(
-            f"Gram statistics of shape {tuple(cross.shape)} do not match a weight of shape {tuple(w0.shape)}"
-        )
-    lam = ridge_lambda(gram, ridge)
+        return stats.base.to(torch.float64).clone()
+    gram = stats.gram
+    w0 = stats.base.to(device=gram.device, dtype=torch.float64)
     if float(gram.diagonal().max()) == 0.0:  # all-zero inputs: nothing to fit
-        return w0_64
+        return w0.clone()
     system = gram.clone()
-    system.diagonal().add_(lam)
+    system.diagonal().add_(ridge_lambda(gram, ridge))
     chol, info = torch.linalg.cholesky_ex(system)
     if int(info) == 0:
-        rhs = w0_64.mul_(lam).add_(cross).T  # (n, m); the system is symmetric, so solve for W^T
-        return torch.cholesky_solve(rhs, chol).T.contiguous()
-    # not positive definite (ridge 0 on a rank-deficient Gram): the anchored minimum-norm change,
-    # W0 + (B - W0 G) G^+, the limit of the ridge solution as lam -> 0
-    residual = cross - w0_64 @ gram
-    return w0_64 + residual @ torch.linalg.pinv(system, hermitian=True)
+
+        def solve(rhs: torch.Tensor) -> torch.Tensor:  # (n, k) -> (G + lam I)^-1 rhs
+            return torch.cholesky_solve(rhs, chol)
+
+    else:
+        # not positive definite (ridge 0 on a rank-deficient Gram): the anchored minimum-norm
+        # change W0 + C G^+, the limit of the ridge solution as lam -> 0
+        pinv = torch.linalg.pinv(system, hermitian=True)
+
+        def solve(rhs: torch.Tensor) -> torch.Tensor:
+            return pinv @ rhs
+
+    out = w0.clone()
+    if stats.ups:
+        z = solve(torch.cat(stats.projs, 0).T)  # n x (N r); the system is symmetric
+        out.addmm_(torch.cat(stats.ups, 1), z.T)
+    if stats.dense_cross is not None:
+        out += solve(stats.dense_cross.T).T
+    return out
 
 
-def solve_lbfgs(
-    stats: GramStats,
-    w0: torch.Tensor,
-    iters: int = 500,
-    history_size: int = 25,
-) -> torch.Tensor:
+def solve_lbfgs(stats: GramStats, iters: int = 500, history_size: int = 25) -> torch.Tensor:
     """The original's LBFGS from W0 (lr 1, strong Wolfe, tolerances 1e-16), best iterate kept.
 
     The loss is the mean squared error ``f(W) / (count * m)`` like the original's ``mse_loss``,
-    computed from the Grams in float64. Returns float64 on the statistics' device.
+    computed from the Grams in float64 (on the change ``E = W - W0``, started at 0). Returns
+    float64 on the statistics' device.
     """
     if iters < 1:
         raise ValueError(f"Invalid LBFGS iterations: {iters} (expected >= 1)")
     stats.finalize()
     if stats.empty or stats.count == 0:
-        return w0.to(torch.float64).clone()
-    gram, cross = stats.gram, stats.cross
-    scale = 1.0 / (stats.count * w0.shape[0])
-    weight = w0.to(device=gram.device, dtype=torch.float64).clone().requires_grad_(True)
-    best = {"loss": math.inf, "weight": weight.detach().clone()}
+        return stats.base.to(torch.float64).clone()
+    gram, cross = stats.gram, stats.cross()
+    scale = 1.0 / (stats.count * stats.shape[0])
+    change = torch.zeros_like(cross, requires_grad=True)
+    best = {"loss": math.inf, "change": change.detach().clone()}
     optimizer = torch.optim.LBFGS(
-        [weight],
+        [change],
         lr=1,
         max_iter=iters,
         history_size=history_size,
@@ -212,17 +323,17 @@ def solve_lbfgs(
 
     @torch.no_grad()
     def closure() -> torch.Tensor:
-        # f = tr(W G W^T) - 2 tr(W B^T) + c and its gradient 2 (W G - B): one matmul, no autograd
-        wg = weight @ gram
-        loss = ((weight * (wg - 2.0 * cross)).sum() + stats.const) * scale
-        weight.grad = (2.0 * scale) * (wg - cross)
+        # f = tr(E G E^T) - 2 tr(E C^T) + c and its gradient 2 (E G - C): one matmul, no autograd
+        eg = change @ gram
+        loss = ((change * (eg - 2.0 * cross)).sum() + stats.const) * scale
+        change.grad = (2.0 * scale) * (eg - cross)
         value = float(loss)
         if value < best["loss"]:
-            best["loss"], best["weight"] = value, weight.detach().clone()
+            best["loss"], best["change"] = value, change.detach().clone()
         return loss
 
     optimizer.step(closure)
-    return best["weight"]
+    return stats.base.to(cross) + best["change"]
 
 
 @torch.no_grad()

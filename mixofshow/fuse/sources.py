@@ -16,6 +16,7 @@ import torch
 from mixofshow.concepts.io import ConceptFile, load_concept
 from mixofshow.concepts.tokens import layer_token_names
 from mixofshow.fuse.config import FuseConceptConfig
+from mixofshow.fuse.gram import LowRank
 from mixofshow.models.embedded import EMBEDDED_NAME
 from mixofshow.utils.io import FileFormatError
 
@@ -69,6 +70,13 @@ class FuseSource:
             return None
         a, b = pair
         return self.concept.meta.scale * (b.float() @ a.float())
+
+    def change(self, key: str) -> LowRank | None:
+        """``a_i dW_i = (a_i s B) A`` of layer ``key`` as factors, None where the concept left it."""
+        if not self.changes(key):
+            return None
+        a, b = self.concept.lora[key]
+        return LowRank((self.alpha(key) * self.concept.meta.scale) * b.float(), a.float())
 
     def target(self, key: str, w0: torch.Tensor) -> torch.Tensor:
         """``W_i = W0 + a_i dW_i`` in float32 on ``w0``'s device (W0 where the concept left it)."""

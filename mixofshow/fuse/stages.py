@@ -34,7 +34,7 @@ from mixofshow.concepts.edlora import base_model_name
 from mixofshow.concepts.lora import LoRALinear
 from mixofshow.concepts.tokens import LayerwiseTextEncoder, add_concept_words
 from mixofshow.fuse.config import FuseConfig, config_summary
-from mixofshow.fuse.gram import GramStats, objective, solve_closed_form, solve_lbfgs, weight_fusion
+from mixofshow.fuse.gram import Delta, GramStats, objective, solve_closed_form, solve_lbfgs, weight_fusion
 from mixofshow.fuse.io import FusedFile, FusedMeta
 from mixofshow.fuse.sources import FuseSource, same_base_model
 
@@ -71,14 +71,15 @@ def first_end_mask(ids: torch.Tensor, end_id: int) -> tuple[torch.Tensor, torch.
 class GramRecorder:
     """Forward hooks adding every call's inputs to its layer's :class:`GramStats`; nothing else is kept.
 
-    ``targets[key]`` is the current concept's weight ``W_i`` of the layer; ``row_mask`` (B, T),
-    when set, selects the input rows that count (e.g. no padding after the end token).
+    ``deltas[key]`` is the current concept's change of the layer (``W_i - W0``, see
+    :meth:`FuseSource.change`); ``row_mask`` (B, T), when set, selects the input rows that count
+    (e.g. no padding after the end token).
     """
 
-    def __init__(self, modules: dict[str, nn.Module]) -> None:
+    def __init__(self, modules: dict[str, nn.Module], bases: dict[str, torch.Tensor]) -> None:
         self.modules = modules
-        self.stats = {key: GramStats() for key in modules}
-        self.targets: dict[str, torch.Tensor] = {}
+        self.stats = {key: GramStats(bases[key]) for key in modules}
+        self.deltas: dict[str, Delta] = {}
         self.row_mask: torch.Tensor | None = None
         self._handles: list = []
 
@@ -96,7 +97,7 @@ class GramRecorder:
             x = args[0].detach()
             if self.row_mask is not None:
                 x = x[self.row_mask.to(x.device)]
-            self.stats[key].update(x, self.targets[key])
+            self.stats[key].update(x, self.deltas[key])
 
         return hook
 
@@ -187,12 +188,12 @@ class Fusion:
         modules = {key: self.modules[key] for key in keys}
         current = {key: m.weight.detach().clone() for key, m in modules.items()}
         try:
-            with GramRecorder(modules) as rec:
+            with GramRecorder(modules, self.base) as rec:
                 for i in indices:
                     src = self.sources[i]
-                    rec.targets = {key: src.target(key, self.base[key]) for key in keys}
+                    rec.deltas = {key: src.change(key) for key in keys}
                     for key, module in modules.items():
-                        module.weight.copy_(rec.targets[key].to(module.weight.dtype))
+                        module.weight.copy_(src.target(key, self.base[key]).to(module.weight.dtype))
                     if stage == "text_encoder":
                         self._run_text(src, rec)
                     else:
@@ -215,10 +216,11 @@ class Fusion:
             rec.row_mask = None
 
     def _record_kv(self, keys: list[str], indices: Sequence[int]) -> dict[str, GramStats]:
-        stats = {key: GramStats() for key in keys}
+        stats = {key: GramStats(self.base[key]) for key in keys}
         num_base = self.pipe.text_encoder.get_input_embeddings().num_base
         for i in indices:
             src = self.sources[i]
+            deltas = {key: src.change(key) for key in keys}
             prompts = self._prompts(src)
             ids = self.encoder.tokenize(prompts)  # prompt-major: row b * L + l
             hidden = self.pipe.text_encoder(ids.to(self.pipe.text_encoder.device))[0]
@@ -230,7 +232,7 @@ class Fusion:
                 for proj in ("to_k", "to_v"):
                     key = f"unet.{name}.{proj}"
                     if key in stats:
-                        stats[key].update(x, src.target(key, self.base[key]))
+                        stats[key].update(x, deltas[key])
             self._tick()
         return {key: s.finalize() for key, s in stats.items()}
 
@@ -261,10 +263,10 @@ class Fusion:
                 deltas = [src.delta(key) for src in self.sources]
                 out[key] = weight_fusion(w0, deltas, [src.alpha(key) for src in self.sources])
             elif method == "closed-form":
-                out[key] = solve_closed_form(stats[key], w0, self.config.ridge)
+                out[key] = solve_closed_form(stats[key], self.config.ridge)
             elif method == "lbfgs":
                 iters = self.config.lbfgs_unet_iters if stage == "spatial" else self.config.lbfgs_text_iters
-                out[key] = solve_lbfgs(stats[key], w0, iters)
+                out[key] = solve_lbfgs(stats[key], iters)
             else:
                 raise ValueError(f"Unknown fusion method {method!r}; expected closed-form, lbfgs or weight")
             self._tick()
