@@ -36,8 +36,9 @@ form's objective / LBFGS's, summed over the model's layers (``--verbose`` shows 
 solve), measured in a separate, untimed run as the peak RSS increase on CPU
 (``/proc/self/clear_refs``, with glibc set to map and unmap every allocation >= 64 KiB, so that
 the block's own tensors count) or the peak allocation on CUDA; it does not grow with N.
-``--verbose`` also prints the size of the activations LBFGS stores. Timed runs use glibc's
-normal reuse of freed memory for both methods. Closed-form times are the median of 3 runs (they
+``--verbose`` also prints the size of the activations LBFGS stores. Timed runs use the allocator
+settings of ``mixofshow``'s commands (:func:`mixofshow.utils.memory.tune_cpu_allocator`) for
+both methods. Closed-form times are the median of 3 runs (they
 are short, and a busy machine's noise shows), LBFGS runs once. ``--quick`` keeps the iterations but shrinks the layers (text 192 wide,
 K/V 80 x 192, one spatial kind 128 wide with 16 x 16 x 5 tokens) and N to 2, 5, 14: under a
 minute on CPU, one thread unless ``--threads``. On CPU the speedup is bounded by the ratio of float64 to float32 matrix-multiply
@@ -59,6 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from mixofshow.fuse.gram import GramStats, LowRank, objective, solve_closed_form
+from mixofshow.utils.memory import tune_cpu_allocator
 
 
 @dataclass(frozen=True)
@@ -184,14 +186,15 @@ class PeakMemory:
 
 
 def _malloc_mode(exact: bool) -> None:
+    if not exact:  # as mixofshow's commands run
+        tune_cpu_allocator()
+        return
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return
-    if exact:
-        libc.malloc_trim(0)
-    libc.mallopt(-3, 64 * 1024 if exact else 32 * 2**20)  # M_MMAP_THRESHOLD (32 MiB: glibc's maximum)
-    libc.mallopt(-1, 128 * 1024 if exact else 2**30)  # M_TRIM_THRESHOLD
+    libc.malloc_trim(0)
+    tune_cpu_allocator(mmap_threshold=64 * 1024, trim_threshold=128 * 1024)
 
 
 def _status_kb(key: str) -> int:

@@ -16,7 +16,10 @@ full gradient get a random m x n ``A.full_grad`` per pair (its cost in the LoRA 
 hook is not counted); ``usv`` optimizers (StelLA) get (U, S, V) triples of the same shapes.
 
     python bench/optimizers.py [--ranks 4 16] [--optimizers adamw lora_rite] [--repeats 15]
-                               [--budget 4] [--threads 1]
+                               [--budget 4] [--threads 1] [--default-malloc]
+
+Like ``mixofshow train``, it raises glibc's mmap/trim thresholds first
+(:func:`mixofshow.utils.memory.tune_cpu_allocator`); ``--default-malloc`` measures without.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from collections.abc import Callable
 import torch
 
 from mixofshow.optim import SPECS, build_optimizer
+from mixofshow.utils.memory import tune_cpu_allocator
 
 UNET_WIDTHS = (320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320)
 LRS = {"text_encoder": 1e-5, "unet": 1e-4}  # Mix-of-Show's learning rates
@@ -156,13 +160,20 @@ def main() -> None:
         help="torch threads (default 1: the LoRA tensors are small, and on a busy 2-core machine a "
         "second thread turns each op into a possible stall; the ratios are what matter)",
     )  # fmt: skip
+    parser.add_argument(
+        "--default-malloc", action="store_true",
+        help="keep glibc's default allocator thresholds (mixofshow's commands raise them, see "
+        "mixofshow/utils/memory.py); big batched temporaries then page-fault at every step",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    tuned = False if args.default_malloc else tune_cpu_allocator()
     names = args.optimizers or sorted(SPECS)
     unknown = sorted(set(names) - set(SPECS))
     if unknown:
         raise SystemExit(f"Unknown optimizers {unknown}; expected some of {sorted(SPECS)}")
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {len(sd15_shapes())} LoRA layers")
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {len(sd15_shapes())} LoRA layers, "
+          f"{'tuned' if tuned else 'default'} glibc malloc thresholds")
     for rank in args.ranks:
         base = make_factors(rank, "ab")
         ref = torch_adamw(clone_factors(base), foreach=True)

@@ -12,6 +12,8 @@ import importlib
 import logging
 import sys
 
+from mixofshow.utils.memory import tune_cpu_allocator
+
 __all__ = ["main", "build_parser"]
 
 # (module, description); order is the order of `mixofshow --help`
@@ -55,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    tune_cpu_allocator()  # reuse freed blocks instead of faulting them in again every step
     try:
         result = args.func(args)
     except (ValueError, FileNotFoundError) as err:

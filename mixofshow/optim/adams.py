@@ -29,8 +29,8 @@ from typing import Any
 import torch
 
 from mixofshow.optim.base import LoRAOptimizer, bucket_by_shape, check_beta, check_positive
-from mixofshow.optim.batching import compute_dtype, keep_saved_state_dtypes
-from mixofshow.optim.lift import horizontal_lift, horizontal_lift_reference, lift_products
+from mixofshow.optim.batching import compute_dtype, concat_call, keep_saved_state_dtypes
+from mixofshow.optim.lift import horizontal_lift, horizontal_lift_reference, lift_core, lift_products
 from mixofshow.optim.registry import OptimizerSpec
 
 __all__ = [
@@ -38,8 +38,10 @@ __all__ = [
     "AdamSFull",
     "BucketedLoRAOptimizer",
     "adam_directions",
-    "factor_products",
-    "adams_update",
+    "adam_directions_",
+    "DirectionBatch",
+    "adams_grams",
+    "adams_maps",
     "adams_full_update",
     "adams_reference",
     "active_tuples",
@@ -78,6 +80,56 @@ def adam_directions(
     out = torch._foreach_div(exp_avgs, denom)
     torch._foreach_mul_(out, [-1.0 / (1.0 - beta1**t) for t in steps])
     return out
+
+
+def adam_directions_(
+    out: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    steps: list[torch.Tensor],
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> None:
+    """Write ``-m^ / (sqrt(v^) + eps)`` into the zero tensors ``out``; update the moments in place.
+
+    ``steps`` are the per-tensor step counters (CPU scalar tensors, already incremented). On CPU
+    this runs torch's fused Adam kernel on ``out`` with lr 1 and no weight decay, which leaves
+    exactly the direction there, in one pass (3-4x faster than foreach ops on CPU); elsewhere it
+    is :func:`adam_directions` (foreach kernels). The fused kernel reads memory as flat arrays
+    (a transposed gradient gives wrong results, silently), so non-contiguous gradients are copied
+    and non-contiguous outputs or moments take the foreach path.
+    """
+    if out[0].device.type == "cpu" and all(t.is_contiguous() for t in (*out, *exp_avgs, *exp_avg_sqs)):
+        grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
+        torch._fused_adamw_(
+            out, grads, exp_avgs, exp_avg_sqs, [], steps,
+            lr=1.0, beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps, amsgrad=False, maximize=False,
+        )  # fmt: skip
+        return
+    dirs = adam_directions(exp_avgs, exp_avg_sqs, grads, beta1, beta2, eps, [int(t) for t in steps])
+    torch._foreach_copy_(out, dirs)
+
+
+class DirectionBatch:
+    """Gathers :func:`adam_directions_` work of several buckets, run as one call per
+    (betas, eps, dtype, device), so a whole optimizer step makes one fused pass."""
+
+    def __init__(self) -> None:
+        self.calls: dict[tuple, tuple[list[torch.Tensor], ...]] = {}
+
+    def add(self, group: dict[str, Any], out, grads, exp_avgs, exp_avg_sqs, steps) -> None:
+        key = (tuple(group["betas"]), group["eps"], out[0].dtype, out[0].device)
+        lists = self.calls.setdefault(key, ([], [], [], [], []))
+        for dest, items in zip(lists, (out, grads, exp_avgs, exp_avg_sqs, steps)):
+            dest.extend(items)
+
+    def run(self) -> None:
+        for (betas, eps, _, _), lists in self.calls.items():
+            adam_directions_(*lists, beta1=betas[0], beta2=betas[1], eps=eps)
+        self.calls = {}
 
 
 def per_pair(values: Sequence[float], like: torch.Tensor, ndim: int) -> float | torch.Tensor:
@@ -126,14 +178,16 @@ def state_tensor(state: dict, key: str, shape: tuple[int, ...], dtype: torch.dty
 
 
 def next_steps(states: list[dict]) -> list[int]:
-    """Increment and return the per-pair step counters (CPU tensors, as torch.optim.Adam keeps them)."""
-    steps = []
+    """Increment and return the per-pair step counters (CPU tensors, as torch.optim.Adam keeps them;
+    incremented in place like torch's, so a ``state_dict()`` is a view of the running state and
+    ``load_state_dict`` copies)."""
+    counters = []
     for st in states:
         if "step" not in st:
             st["step"] = torch.tensor(0.0)
-        st["step"] = st["step"] + 1  # a new tensor: a loaded state dict never shares the counter
-        steps.append(int(st["step"]))
-    return steps
+        counters.append(st["step"])
+    torch._foreach_add_(counters, 1.0)
+    return [int(t) for t in counters]
 
 
 def apply_(params: list[torch.Tensor], update: torch.Tensor, alpha: float) -> None:
@@ -144,36 +198,47 @@ def apply_(params: list[torch.Tensor], update: torch.Tensor, alpha: float) -> No
 # ----------------------------------------------------------------------------- the math
 
 
-def factor_products(
-    b: torch.Tensor, a: torch.Tensor, db: torch.Tensor, da: torch.Tensor
+def adams_grams(ad: torch.Tensor, bd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The r x 2r products of one bucket, from ``[A; DA]`` (k, 2r, n) and ``[B^T; DB^T]`` (k, 2r, m).
+
+    Returns ``[S_A; DA A^T]`` (k, 2r, r) and ``[S_B, B^T DB]`` (k, r, 2r): with :func:`adams_maps`
+    they give the whole step as two more products (``Xd = DB A + B DA`` is never formed, nor
+    ``Xd A^T`` and ``B^T Xd``).
+    """
+    r = ad.shape[1] // 2
+    return ad @ ad[:, :r].mT, bd[:, :r] @ bd.mT
+
+
+def adams_maps(
+    ga: torch.Tensor, gb: torch.Tensor, damping: float | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Xd A^T, B^T Xd)`` for ``Xd = DB A + B DA`` without forming Xd (batched)."""
-    at, bt = a.transpose(-1, -2), b.transpose(-1, -2)
-    xa = db @ (a @ at) + b @ (da @ at)
-    bx = (bt @ db) @ a + (bt @ b) @ da
-    return xa, bx
+    """The lift of ``Xd = DB A + B DA`` as two r x 2r maps ``N1``, ``N2`` (batched, any buckets):
+    ``Bd^T = N1 [B^T; DB^T]`` and ``Ad = N2 [A; DA]``.
 
-
-def adams_update(
-    a_list, b_list, ga_list, gb_list, ma, va, mb, vb, steps, *, lr, beta1, beta2, eps, damping
-) -> None:
-    """One ``adams`` step for a shape bucket (all lists aligned); updates moments and factors in place."""
-    k = len(a_list)
-    dirs = adam_directions(ma + mb, va + vb, ga_list + gb_list, beta1, beta2, eps, list(steps) * 2)
-    dt = compute_dtype(a_list[0].dtype)
-    a, b = torch.stack(a_list).to(dt), torch.stack(b_list).to(dt)
-    da, db = torch.stack(dirs[:k]).to(dt), torch.stack(dirs[k:]).to(dt)
-    bd, ad = horizontal_lift(b, a, *factor_products(b, a, db, da), damping=damping)
-    apply_(b_list, bd, lr)
-    apply_(a_list, ad, lr)
+    With ``S_A, Q = DA A^T`` (from ``ga``) and ``S_B, P = B^T DB`` (from ``gb``):
+    ``Xd A^T = DB S_A + B Q^T``, ``B^T Xd = P A + S_B DA``, ``C = B^T Xd A^T = P S_A + S_B Q``, so
+    ``Bd^T = S_A^-T (Xd A^T)^T - L^T B^T = [S_A^-T Q^T - L^T, S_A^-T S_A] [B^T; DB^T]`` and
+    ``Ad = S_B^-1 B^T Xd - R A = [S_B^-1 P - R, S_B^-1 S_B] [A; DA]``.
+    """
+    r = gb.shape[1]
+    s_a, q = ga[:, :r], ga[:, r:]
+    s_b, p = gb[..., :r], gb[..., r:]
+    s_a_inv, left, s_b_inv, right = lift_core(s_b, s_a, p @ s_a + s_b @ q, damping)
+    n1 = torch.cat([s_a_inv.mT @ q.mT - left.mT, s_a_inv.mT @ s_a], -1)
+    n2 = torch.cat([s_b_inv @ p - right, s_b_inv @ s_b], -1)
+    return n1, n2
 
 
 def adams_full_update(a_list, b_list, g_list, m, v, steps, *, lr, beta1, beta2, eps, damping) -> None:
-    """One ``adams-full`` step for a shape bucket: Adam on the full gradients, lift, step."""
-    dirs = adam_directions(m, v, g_list, beta1, beta2, eps, steps)
+    """One ``adams-full`` step for a shape bucket: Adam on the full gradients, lift, step.
+
+    ``steps``: the pairs' step counters (CPU scalar tensors, already incremented).
+    """
     dt = compute_dtype(a_list[0].dtype)
+    xd = torch.zeros(len(a_list), *g_list[0].shape, dtype=dt, device=a_list[0].device)
+    adam_directions_(list(xd.unbind(0)), g_list, m, v, steps, beta1=beta1, beta2=beta2, eps=eps)
     a, b = torch.stack(a_list).to(dt), torch.stack(b_list).to(dt)
-    xa, bx = lift_products(b, a, torch.stack(dirs).to(dt))
+    xa, bx = lift_products(b, a, xd)
     bd, ad = horizontal_lift(b, a, xa, bx, damping=damping)
     apply_(b_list, bd, lr)
     apply_(a_list, ad, lr)
@@ -203,8 +268,10 @@ def adams_reference(a, b, ga, gb, state, *, lr, beta1, beta2, eps, damping, full
 
 
 class BucketedLoRAOptimizer(LoRAOptimizer):
-    """Shared driver: ``step()`` loops over groups and shape buckets of the factor tuples that got
-    a gradient, calling ``_step_bucket(group, tuples)``; ``load_state_dict`` keeps saved dtypes."""
+    """Shared driver: ``step()`` collects the shape buckets of the factor tuples that got a gradient
+    in every group and hands them to ``_step_buckets``, which by default calls
+    ``_step_bucket(group, tuples)`` on each (optimizers that batch across buckets override it);
+    ``load_state_dict`` keeps saved dtypes."""
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -212,11 +279,16 @@ class BucketedLoRAOptimizer(LoRAOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        buckets = []
         for group in self.param_groups:
             tuples = active_tuples(self, group)
-            for idx in bucket_by_shape(tuples).values():
-                self._step_bucket(group, [tuples[i] for i in idx])
+            buckets += [(group, [tuples[i] for i in idx]) for idx in bucket_by_shape(tuples).values()]
+        self._step_buckets(buckets)
         return loss
+
+    def _step_buckets(self, buckets: list[tuple[dict[str, Any], list[tuple[torch.Tensor, ...]]]]) -> None:
+        for group, tuples in buckets:
+            self._step_bucket(group, tuples)
 
     def _step_bucket(self, group: dict[str, Any], tuples: list[tuple[torch.Tensor, ...]]) -> None:
         raise NotImplementedError
@@ -268,30 +340,68 @@ class AdamS(BucketedLoRAOptimizer):
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "damping": damping}
         super().__init__(groups, defaults)
 
+    def _step_buckets(self, buckets: list[tuple[dict[str, Any], list[tuple[torch.Tensor, ...]]]]) -> None:
+        if self.full:
+            super()._step_buckets(buckets)
+            return
+        # 1. Adam directions DA, DB of every factor: one fused pass for all buckets
+        directions = DirectionBatch()
+        prepared = []
+        for group, pairs in buckets:
+            a_list = [a for a, _ in pairs]
+            b_list = [b for _, b in pairs]
+            states = [self.state[a] for a in a_list]
+            a0, b0 = pairs[0]
+            sdt, dev = compute_dtype(a0.dtype), a0.device
+            next_steps(states)
+            da = torch.zeros(len(pairs), *a0.shape, dtype=sdt, device=dev)
+            db = torch.zeros(len(pairs), *b0.shape, dtype=sdt, device=dev)
+            moments = {
+                f"{key}_{name}": [state_tensor(s, f"{key}_{name}", tuple(x.shape), sdt, dev) for s in states]
+                for key in ("exp_avg", "exp_avg_sq")
+                for name, x in (("A", a0), ("B", b0))
+            }
+            directions.add(
+                group,
+                [*da.unbind(0), *db.unbind(0)],
+                [grad_or_zeros(a, sdt) for a in a_list] + [grad_or_zeros(b, sdt) for b in b_list],
+                moments["exp_avg_A"] + moments["exp_avg_B"],
+                moments["exp_avg_sq_A"] + moments["exp_avg_sq_B"],
+                [s["step"] for s in states] * 2,
+            )
+            prepared.append((group, a_list, b_list, da, db))
+        directions.run()
+        # 2. per bucket [A; DA], [B^T; DB^T] (r-major) and their Grams; 3. the lift of all buckets
+        stacked = []
+        for _, a_list, b_list, da, db in prepared:
+            ad = torch.cat([torch.stack(a_list).to(da.dtype), da], 1)
+            bd = torch.cat([torch.stack(b_list).to(db.dtype).mT, db.mT], 1)
+            stacked.append((ad, bd))
+        maps = concat_call(
+            adams_maps, [adams_grams(ad, bd) for ad, bd in stacked], [p[0]["damping"] for p in prepared]
+        )
+        # 4. the steps, two products per bucket
+        for (group, a_list, b_list, _, _), (ad, bd), (n1, n2) in zip(prepared, stacked, maps):
+            apply_(b_list, (n1 @ bd).mT, group["lr"])
+            apply_(a_list, n2 @ ad, group["lr"])
+
     def _step_bucket(self, group: dict[str, Any], pairs: list[tuple[torch.Tensor, ...]]) -> None:
+        # adams-full: Adam moments on the full gradient, one bucket at a time
         beta1, beta2 = group["betas"]
-        hp = {"lr": group["lr"], "eps": group["eps"], "damping": group["damping"]}
-        hp.update(beta1=beta1, beta2=beta2)
         a_list = [a for a, _ in pairs]
         b_list = [b for _, b in pairs]
         states = [self.state[a] for a in a_list]
         a0, b0 = pairs[0]
         sdt, dev = compute_dtype(a0.dtype), a0.device
-        if self.full:
-            shape = (b0.shape[0], a0.shape[1])
-            grads = [get_full_grad(type(self).__name__, a, shape).to(sdt) for a in a_list]
-            m = [state_tensor(s, "exp_avg", shape, sdt, dev) for s in states]
-            v = [state_tensor(s, "exp_avg_sq", shape, sdt, dev) for s in states]
-            adams_full_update(a_list, b_list, grads, m, v, next_steps(states), **hp)
-            return
-        steps = next_steps(states)
-        ga = [grad_or_zeros(a, sdt) for a in a_list]
-        gb = [grad_or_zeros(b, sdt) for b in b_list]
-        ma = [state_tensor(s, "exp_avg_A", tuple(a0.shape), sdt, dev) for s in states]
-        va = [state_tensor(s, "exp_avg_sq_A", tuple(a0.shape), sdt, dev) for s in states]
-        mb = [state_tensor(s, "exp_avg_B", tuple(b0.shape), sdt, dev) for s in states]
-        vb = [state_tensor(s, "exp_avg_sq_B", tuple(b0.shape), sdt, dev) for s in states]
-        adams_update(a_list, b_list, ga, gb, ma, va, mb, vb, steps, **hp)
+        shape = (b0.shape[0], a0.shape[1])
+        grads = [get_full_grad(type(self).__name__, a, shape).to(sdt) for a in a_list]
+        m = [state_tensor(s, "exp_avg", shape, sdt, dev) for s in states]
+        v = [state_tensor(s, "exp_avg_sq", shape, sdt, dev) for s in states]
+        next_steps(states)
+        adams_full_update(
+            a_list, b_list, grads, m, v, [s["step"] for s in states],
+            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], damping=group["damping"],
+        )  # fmt: skip
 
 
 class AdamSFull(AdamS):

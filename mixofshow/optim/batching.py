@@ -8,13 +8,15 @@ shape bucket (``bucket_by_shape``). Everything is kept in the *r-major* layout: 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 __all__ = [
     "active_pairs",
+    "concat_call",
     "compute_dtype",
     "inverse_sqrt",
     "keep_saved_state_dtypes",
@@ -115,3 +117,39 @@ def keep_saved_state_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict[s
         for key, value in saved_state.get(pid, {}).items():
             if isinstance(value, torch.Tensor) and value.is_floating_point():
                 optimizer.state[p][key] = value.to(device=p.device)
+
+
+def concat_call(
+    fn: Callable[..., tuple[torch.Tensor, ...]],
+    items: Sequence[tuple[torch.Tensor, ...]],
+    scalars: Sequence[float] | None = None,
+) -> list[tuple[torch.Tensor, ...]]:
+    """``fn`` on several batches at once: per batch, ``fn(*tensors, scalar)`` split back.
+
+    ``items[i]`` are batch i's tensors (leading dimension k_i); batches whose tensors agree in
+    the other dimensions, dtype and device are concatenated and ``fn`` is called once on them,
+    with the scalar (if ``scalars`` are given) as a float when all agree, else one value per row
+    (a (sum k_i,) tensor).
+    ``fn`` must treat rows independently and return tensors with the same leading dimension.
+    Small per-pair algebra (r x r) costs a few dozen ops whatever the batch size, so one call
+    for every shape bucket of every group saves most of their per-op cost.
+    """
+    keyed: dict[tuple, list[int]] = defaultdict(list)
+    for i, tensors in enumerate(items):
+        t0 = tensors[0]
+        keyed[(tuple(t.shape[1:] for t in tensors), t0.dtype, t0.device)].append(i)
+    out: list[tuple[torch.Tensor, ...]] = [()] * len(items)
+    for idx in keyed.values():
+        sizes = [items[i][0].shape[0] for i in idx]
+        joined = [torch.cat([items[i][j] for i in idx]) for j in range(len(items[idx[0]]))]
+        if scalars is not None:
+            values = [float(scalars[i]) for i in idx]
+            scalar: float | torch.Tensor = values[0]
+            if any(v != values[0] for v in values):
+                rows = [v for v, k in zip(values, sizes) for _ in range(k)]
+                scalar = torch.tensor(rows, dtype=joined[0].dtype).to(joined[0].device)
+            joined.append(scalar)
+        results = fn(*joined)
+        for i, parts in zip(idx, zip(*(t.split(sizes) for t in results))):
+            out[i] = parts
+    return out

@@ -29,11 +29,14 @@ import torch
 
 from mixofshow.optim.batching import compute_dtype, sym, tiny
 
-__all__ = ["damp", "lift_products", "horizontal_lift", "horizontal_lift_reference"]
+__all__ = ["damp", "lift_core", "lift_products", "horizontal_lift", "horizontal_lift_reference"]
 
 
-def damp(s: torch.Tensor, damping: float) -> torch.Tensor:
-    """``S + (damping * tr(S) / r + tiny) I`` for a batch of symmetric PSD r x r matrices."""
+def damp(s: torch.Tensor, damping: float | torch.Tensor) -> torch.Tensor:
+    """``S + (damping * tr(S) / r + tiny) I`` for a batch of symmetric PSD r x r matrices.
+
+    ``damping``: a float, or one value per matrix (shape ``s.shape[:-2]``).
+    """
     r = s.shape[-1]
     trace = s.diagonal(dim1=-2, dim2=-1).sum(-1)
     delta = trace * (damping / r) + tiny(s.dtype)
@@ -53,6 +56,57 @@ def lift_products(b: torch.Tensor, a: torch.Tensor, xd: torch.Tensor) -> tuple[t
     dt = compute_dtype(xd.dtype)
     xd, a, b = xd.to(dt), a.to(dt), b.to(dt)
     return xd @ a.transpose(-1, -2), b.transpose(-1, -2) @ xd
+
+
+def lift_core(
+    s_b: torch.Tensor,
+    s_a: torch.Tensor,
+    c: torch.Tensor,
+    damping: float | torch.Tensor = 0.0,
+    return_k: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """The r x r part of the lift, batched over any pairs (of any shapes) that share r.
+
+    Args:
+        s_b: ``B^T B``, (k, r, r) (undamped).
+        s_a: ``A A^T``, (k, r, r) (undamped).
+        c: ``B^T Xd A^T``, (k, r, r).
+        damping: relative damping of both Grams, a float or one value per pair, shape (k,).
+        return_k: also return the Sylvester matrix K (the "decay matrix").
+
+    Returns:
+        ``(S_A^-1, L, S_B^-1, R)`` (and ``K``) of the damped Grams, such that
+        ``Bd = Xd A^T S_A^-1 - B L`` and ``Ad = S_B^-1 B^T Xd - R A`` (``L = S_A K S_A^-1``,
+        ``R = S_B^-1 K S_B``). No host synchronisation and no data-dependent Python branches.
+    """
+    dt = s_b.dtype
+    s_b = damp(sym(s_b), damping)
+    s_a = damp(sym(s_a), damping)
+
+    # 1. canonical gauge R = V e^-1/2 Q: R^T S_B R = I, R^-1 S_A R^-T = diag(lam)
+    e, v = _eigh(s_b)
+    e = e.clamp_min(tiny(dt))
+    e_sqrt = e.sqrt()
+    n_mat = sym(e_sqrt[..., :, None] * (v.transpose(-1, -2) @ s_a @ v) * e_sqrt[..., None, :])
+    lam, q = _eigh(n_mat)
+    lam = lam.clamp_min(torch.finfo(dt).tiny)  # >= e_min * floor > 0 in exact arithmetic
+    r_mat = (v / e_sqrt[..., None, :]) @ q  # R
+    r_inv = q.transpose(-1, -2) @ (e_sqrt[..., :, None] * v.transpose(-1, -2))  # R^-1
+
+    # 2. Sylvester in that gauge: diag(lam) K~ + K~ diag(lam) = C~ = R^T C R^-T
+    c_t = r_mat.transpose(-1, -2) @ c @ r_inv.transpose(-1, -2)
+    k_t = c_t / (lam[..., :, None] + lam[..., None, :])
+
+    # 3. back to the given gauge: S_A^-1 = R^-T lam^-1 R^-1, S_B^-1 = R R^T
+    s_a_inv = (r_inv.transpose(-1, -2) / lam[..., None, :]) @ r_inv
+    s_b_inv = r_mat @ r_mat.transpose(-1, -2)
+    # B S_A K S_A^-1 = B R lam K~ lam^-1 R^-1 ;  S_B^-1 K S_B = R K~ R^-1
+    left = r_mat @ (lam[..., :, None] * k_t / lam[..., None, :]) @ r_inv
+    right = r_mat @ k_t @ r_inv
+    out = (s_a_inv, left, s_b_inv, right)
+    if return_k:
+        out = out + (r_inv.transpose(-1, -2) @ k_t @ r_mat.transpose(-1, -2),)  # K = R^-T K~ R^T
+    return out
 
 
 def horizontal_lift(
@@ -83,35 +137,8 @@ def horizontal_lift(
     dt = compute_dtype(b.dtype)
     b, a, xa, bx = b.to(dt), a.to(dt), xa.to(dt), bx.to(dt)
     bt = b.transpose(-1, -2)
-    s_b = damp(sym(bt @ b), damping)
-    s_a = damp(sym(a @ a.transpose(-1, -2)), damping)
-
-    # 1. canonical gauge R = V e^-1/2 Q: R^T S_B R = I, R^-1 S_A R^-T = diag(lam)
-    e, v = _eigh(s_b)
-    e = e.clamp_min(tiny(dt))
-    e_sqrt = e.sqrt()
-    n_mat = sym(e_sqrt[..., :, None] * (v.transpose(-1, -2) @ s_a @ v) * e_sqrt[..., None, :])
-    lam, q = _eigh(n_mat)
-    lam = lam.clamp_min(torch.finfo(dt).tiny)  # >= e_min * floor > 0 in exact arithmetic
-    r_mat = (v / e_sqrt[..., None, :]) @ q  # R
-    r_inv = q.transpose(-1, -2) @ (e_sqrt[..., :, None] * v.transpose(-1, -2))  # R^-1
-
-    # 2. Sylvester in that gauge: diag(lam) K~ + K~ diag(lam) = C~ = R^T C R^-T
-    c = bt @ xa
-    c_t = r_mat.transpose(-1, -2) @ c @ r_inv.transpose(-1, -2)
-    k_t = c_t / (lam[..., :, None] + lam[..., None, :])
-
-    # 3. back to the given gauge: S_A^-1 = R^-T lam^-1 R^-1, S_B^-1 = R R^T
-    s_a_inv = (r_inv.transpose(-1, -2) / lam[..., None, :]) @ r_inv
-    s_b_inv = r_mat @ r_mat.transpose(-1, -2)
-    # B S_A K S_A^-1 = B R lam K~ lam^-1 R^-1 ;  S_B^-1 K S_B = R K~ R^-1
-    left = r_mat @ (lam[..., :, None] * k_t / lam[..., None, :]) @ r_inv
-    right = r_mat @ k_t @ r_inv
-    bd = xa @ s_a_inv - b @ left
-    ad = s_b_inv @ bx - right @ a
-    out = (bd, ad)
-    if return_k:
-        out = out + (r_inv.transpose(-1, -2) @ k_t @ r_mat.transpose(-1, -2),)  # K = R^-T K~ R^T
+    s_a_inv, left, s_b_inv, right, *k = lift_core(bt @ b, a @ a.transpose(-1, -2), bt @ xa, damping, return_k)
+    out = (xa @ s_a_inv - b @ left, s_b_inv @ bx - right @ a, *k)
     if single:
         out = tuple(t[0] for t in out)
     return out

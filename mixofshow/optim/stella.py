@@ -9,65 +9,57 @@ Triples ``(U m x r, S r x r, V n x r)``, ``dW = s U S V^T``. Per step, for X in 
 
     g <- g - X sym(X^T g)                        (Riemannian gradient, embedded metric)
     D  = -lr m^ / (sqrt(v^) + eps)               (Adam on the Riemannian gradient; no weight decay)
-    D <- D - X sym(X^T D);   X <- polar(X + D)   (tangent projection, polar retraction via thin SVD)
+    D <- D - X sym(X^T D);   X <- polar(X + D)   (tangent projection, polar retraction)
 
-and ``S`` takes a plain AdamW step (decoupled ``weight_decay`` applies to S only). The SVD runs in
-float32 (float64 for float64 factors). Needs ``LoRALinear(factorization="usv")``.
+and ``S`` takes a plain AdamW step (torch's kernel; decoupled ``weight_decay`` applies to S
+only). U and V are batched by their own shape across layers and groups; their Adam moments are
+kept transposed (r x m, r x n), in the layout of the batched algebra. The polar factor comes from
+the eigendecomposition of the r x r Gram ``Y^T Y`` (see :func:`polar`), in float32 (float64 for
+float64 factors). Needs ``LoRALinear(factorization="usv")``.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any
 
 import torch
 
 from mixofshow.optim.adams import (
     BucketedLoRAOptimizer,
-    adam_directions,
-    apply_,
+    DirectionBatch,
     grad_or_zeros,
-    next_steps,
+    per_pair,
     state_tensor,
 )
+from mixofshow.optim.adamw import adamw_update
 from mixofshow.optim.base import check_beta, check_positive
-from mixofshow.optim.batching import compute_dtype
+from mixofshow.optim.batching import compute_dtype, concat_call, inverse_sqrt, sym
 from mixofshow.optim.registry import OptimizerSpec
 
-__all__ = ["StelLA", "stiefel_project", "polar", "stella_update", "stella_reference", "SPECS"]
+__all__ = ["StelLA", "stiefel_project", "stiefel_project_t", "polar", "stella_reference", "SPECS"]
 
 
 def stiefel_project(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """Tangent projection ``d - x sym(x^T d)`` at ``x`` on the Stiefel manifold (batched)."""
-    xtd = x.transpose(-1, -2) @ d
-    return d - x @ (0.5 * (xtd + xtd.transpose(-1, -2)))
+    return stiefel_project_t(x.mT, d.mT).mT
+
+
+def stiefel_project_t(xt: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+    """:func:`stiefel_project` in the r-major layout: ``x^T`` and ``d^T`` (k, r, m) in, the
+    projection's transpose out (``(r x r) @ (r x m)`` products, the fast ones on CPU)."""
+    return dt - sym(xt @ dt.mT) @ xt
 
 
 def polar(y: torch.Tensor) -> torch.Tensor:
-    """The orthonormal polar factor ``W Zt`` of ``y = W Sigma Zt`` (thin SVD, batched)."""
-    w, _, zt = torch.linalg.svd(y, full_matrices=False)
-    return w @ zt
+    """The orthonormal polar factor ``y (y^T y)^-1/2`` (= ``W Zt`` of the thin SVD ``y = W Sigma Zt``).
 
-
-def stella_update(
-    u_list, s_list, v_list, gu, gs, gv, m, v, steps, *, lr, beta1, beta2, eps, weight_decay
-) -> None:
-    """One StelLA step for a shape bucket. ``m``, ``v``: Adam moments ordered U..., S..., V...."""
-    k = len(u_list)
-    dt = compute_dtype(u_list[0].dtype)
-    u, vv = torch.stack(u_list).to(dt), torch.stack(v_list).to(dt)
-    # 1. Riemannian gradients of U and V
-    rgu = stiefel_project(u, torch.stack(gu).to(dt))
-    rgv = stiefel_project(vv, torch.stack(gv).to(dt))
-    # 2. Adam on (rgU, gS, rgV); S gets a plain AdamW step
-    grads = list(rgu.to(m[0].dtype).unbind(0)) + list(gs) + list(rgv.to(m[0].dtype).unbind(0))
-    dirs = adam_directions(m, v, grads, beta1, beta2, eps, list(steps) * 3)
-    if weight_decay != 0.0:
-        torch._foreach_mul_(s_list, 1.0 - lr * weight_decay)
-    apply_(s_list, torch.stack(dirs[k : 2 * k]), lr)
-    # 3. tangent-projected steps, polar retraction
-    for xs, x, d in ((u_list, u, dirs[:k]), (v_list, vv, dirs[2 * k :])):
-        step = stiefel_project(x, lr * torch.stack(d).to(dt))
-        torch._foreach_copy_(xs, list(polar(x + step).to(xs[0].dtype).unbind(0)))
+    Batched, through the eigendecomposition of the r x r Gram instead of an SVD of the m x r
+    matrix (several times faster on CPU). Forming ``y^T y`` squares y's condition number, which
+    is harmless for the retraction: there ``y = X + D`` with ``X^T D`` skew, so
+    ``y^T y = I + D^T D`` has every eigenvalue >= 1. ``y`` must have full column rank.
+    """
+    return y @ inverse_sqrt(sym(y.mT @ y), 0.0)
 
 
 def stella_reference(u, s, v, gu, gs, gv, state, *, lr, beta1, beta2, eps, weight_decay):
@@ -120,21 +112,78 @@ class StelLA(BucketedLoRAOptimizer):
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(groups, defaults)
 
-    def _step_bucket(self, group: dict[str, Any], triples: list[tuple[torch.Tensor, ...]]) -> None:
-        u_list, s_list, v_list = (list(x) for x in zip(*triples))
-        states = [self.state[u] for u in u_list]
-        sdt, dev = compute_dtype(u_list[0].dtype), u_list[0].device
-        m, v = [], []
-        for name, xs in (("U", u_list), ("S", s_list), ("V", v_list)):
-            shape = tuple(xs[0].shape)
-            m += [state_tensor(st, f"exp_avg_{name}", shape, sdt, dev) for st in states]
-            v += [state_tensor(st, f"exp_avg_sq_{name}", shape, sdt, dev) for st in states]
-        grads = [[grad_or_zeros(x, sdt) for x in xs] for xs in (u_list, s_list, v_list)]
-        beta1, beta2 = group["betas"]
-        stella_update(
-            u_list, s_list, v_list, *grads, m, v, next_steps(states),
-            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-        )  # fmt: skip
+    def _step_buckets(self, buckets: list[tuple[dict[str, Any], list[tuple[torch.Tensor, ...]]]]) -> None:
+        # U and V are updated independently of each other given their gradients, so they are
+        # batched by their own shape across triples, buckets and groups (V of every n x 768 layer
+        # together, ...), all in the r-major layout (X^T: (k, r, m); their Adam moments too), where
+        # every batched product is (r x r) @ (r x m) or (r x m) @ (m x r).
+        directions = DirectionBatch()
+        factors = defaultdict(list)
+        for group, triples in buckets:
+            states = [self.state[u] for u, _, _ in triples]
+            s_list = [s for _, s, _ in triples]
+            sdt, dev = compute_dtype(s_list[0].dtype), s_list[0].device
+            shape = tuple(s_list[0].shape)
+            for st in states:
+                if "step" not in st:
+                    st["step"] = torch.tensor(0.0)
+            beta1, beta2 = group["betas"]
+            # S: torch's AdamW step (fused kernel on CPU; float32 copies of low-precision S, whose
+            # moments are float32); it also advances the triples' step counters
+            params = s_list if s_list[0].dtype == sdt else [s.to(sdt) for s in s_list]
+            adamw_update(
+                params, [grad_or_zeros(s, sdt) for s in s_list],
+                [state_tensor(st, "exp_avg_S", shape, sdt, dev) for st in states],
+                [state_tensor(st, "exp_avg_sq_S", shape, sdt, dev) for st in states],
+                [st["step"] for st in states],
+                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"], fused=dev.type == "cpu",
+            )  # fmt: skip
+            if params is not s_list:
+                torch._foreach_copy_(s_list, params)
+            for triple, st in zip(triples, states):
+                for name, x in (("U", triple[0]), ("V", triple[2])):
+                    factors[(tuple(x.shape), x.dtype, x.device)].append((x, name, group, st))
+        # 1. Z = [X^T; D^T] (k, 2r, m): X^T now, Riemannian gradients g - X sym(X^T g), and Adam on
+        # them (one fused pass for everything) writes D^T into Z's lower half
+        stiefel = []
+        for entries in factors.values():
+            xs = [e[0] for e in entries]
+            sdt, dev = compute_dtype(xs[0].dtype), xs[0].device
+            (m, r), k = xs[0].shape, len(xs)
+            z = torch.zeros(k, 2 * r, m, dtype=sdt, device=dev)
+            xt = z[:, :r]
+            xt.copy_(torch.stack(xs).mT)
+            gt = torch.stack([grad_or_zeros(x, sdt) for x in xs]).mT.contiguous()  # r-major, like rgt
+            rgt = stiefel_project_t(xt, gt)
+            outs, grads = z[:, r:].unbind(0), rgt.unbind(0)
+            by_group: dict[int, list[int]] = defaultdict(list)
+            for i, e in enumerate(entries):
+                by_group[id(e[2])].append(i)
+            for idx in by_group.values():
+                sts = [(entries[i][3], entries[i][1]) for i in idx]
+                directions.add(
+                    entries[idx[0]][2], [outs[i] for i in idx], [grads[i] for i in idx],
+                    [state_tensor(st, f"exp_avg_{name}", (r, m), sdt, dev) for st, name in sts],
+                    [state_tensor(st, f"exp_avg_sq_{name}", (r, m), sdt, dev) for st, name in sts],
+                    [st["step"] for st, _ in sts],
+                )  # fmt: skip
+            stiefel.append((xs, z, per_pair([e[2]["lr"] for e in entries], z, 3)))
+        directions.run()
+        # 2. Y = X + P_X(lr D), i.e. Y^T = T Z with T = [I - lr sym(X^T D), lr I]; its Gram is
+        # T (Z Z^T) T^T, so the retraction X <- Y (Y^T Y)^-1/2 is X^T <- (Y^T Y)^-1/2 T Z: two
+        # products of Z per shape, the rest r x r (the inverse square roots of all shapes at once)
+        maps, grams = [], []
+        for _, z, lr in stiefel:
+            r = z.shape[1] // 2
+            h = sym(z @ z.mT)
+            eye = torch.eye(r, dtype=z.dtype, device=z.device).expand(z.shape[0], r, r)
+            t = torch.cat([eye - lr * sym(h[:, :r, r:]), lr * eye], -1)
+            maps.append(t)
+            grams.append((sym(t @ h @ t.mT),))
+        inverses = concat_call(lambda g: (inverse_sqrt(g, 0.0),), grams)
+        for (xs, z, _), t, (w,) in zip(stiefel, maps, inverses):
+            torch._foreach_copy_(xs, list(((w @ t) @ z).mT.to(xs[0].dtype).contiguous().unbind(0)))
 
 
 SPECS = [
