@@ -25,13 +25,18 @@ Layer kinds (SD 1.5; tokens per concept as the original records them):
 
 Synthetic activations: a heavy-tailed spectrum (singular values ~ k^-0.5) in a basis shared by
 all concepts, plus a per-concept mean; each concept's LoRA is rank 4 with norm 5% of W0's.
-Each kind is solved once per N and its times are weighted by its layer count, so the figures
-estimate a whole SD 1.5 fusion. One line per N::
+Each kind is solved once per N and its times are scaled to its layer count, so the figures
+estimate a whole SD 1.5 fusion: LBFGS solves every layer on its own (one layer's time x count);
+the closed form builds one Gram per input tensor, which several layers read (CLIP q/k/v; K and V
+of a cross-attention; attn1 q/k/v of a transformer block: ``groups`` below), as ``mixofshow
+fuse`` does, so it is timed on such groups (a Gram shared by 3 layers, each with its own target
+and solve) and on single layers. One line per N::
 
     concepts=N speedup=X objective_ratio=Y peak_mb=Z
 
 ``speedup`` = LBFGS time / closed-form time (whole model); ``objective_ratio`` = the closed
-form's objective / LBFGS's, summed over the model's layers (``--verbose`` shows every kind);
+form's objective / LBFGS's, summed over the model's layers (``--verbose`` shows every kind, with
+per-layer times: the closed form's averaged over the layers sharing a Gram);
 ``peak_mb`` = the closed form's peak working memory for one layer (Grams, one streamed chunk, the
 solve), measured in a separate, untimed run as the peak RSS increase on CPU
 (``/proc/self/clear_refs``, with glibc set to map and unmap every allocation >= 64 KiB, so that
@@ -72,27 +77,37 @@ class Kind:
     chunk: int  # rows per streamed chunk (one sampler step, or all of a prompt batch)
     count: int  # layers of this kind in the model
     iters: int  # the original's LBFGS iterations
+    groups: tuple[int, ...] = (1,)  # per block: how many of its layers read each input
+
+    def __post_init__(self) -> None:
+        if self.count % sum(self.groups):
+            raise ValueError(f"{self.name}: {self.count} layers are not whole blocks of {self.groups}")
+
+
+# layers per input: CLIP q/k/v share theirs, out_proj not; cross-attention K and V read the same
+# text states; per transformer block, attn1 q/k/v share one input, attn1 out, attn2 q, attn2 out not
+TEXT, KV, SPATIAL = (3, 1), (2,), (3, 1, 1, 1)
 
 
 def sd15_kinds(text_iters: int, spatial_iters: int) -> list[Kind]:
     return [
-        Kind("text", 768, 768, 176, 176, 48, text_iters),
-        Kind("kv-320", 768, 320, 6, 6, 10, text_iters),
-        Kind("kv-640", 768, 640, 6, 6, 10, text_iters),
-        Kind("kv-1280", 768, 1280, 6, 6, 12, text_iters),
-        Kind("sp-320", 320, 320, 64 * 64 * 20, 64 * 64, 30, spatial_iters),
-        Kind("sp-640", 640, 640, 32 * 32 * 20, 32 * 32, 30, spatial_iters),
-        Kind("sp-1280", 1280, 1280, 16 * 16 * 20, 16 * 16, 30, spatial_iters),
-        Kind("sp-mid", 1280, 1280, 8 * 8 * 20, 8 * 8, 6, spatial_iters),
+        Kind("text", 768, 768, 176, 176, 48, text_iters, TEXT),
+        Kind("kv-320", 768, 320, 6, 6, 10, text_iters, KV),
+        Kind("kv-640", 768, 640, 6, 6, 10, text_iters, KV),
+        Kind("kv-1280", 768, 1280, 6, 6, 12, text_iters, KV),
+        Kind("sp-320", 320, 320, 64 * 64 * 20, 64 * 64, 30, spatial_iters, SPATIAL),
+        Kind("sp-640", 640, 640, 32 * 32 * 20, 32 * 32, 30, spatial_iters, SPATIAL),
+        Kind("sp-1280", 1280, 1280, 16 * 16 * 20, 16 * 16, 30, spatial_iters, SPATIAL),
+        Kind("sp-mid", 1280, 1280, 8 * 8 * 20, 8 * 8, 6, spatial_iters, SPATIAL),
     ]
 
 
 def quick_kinds(text_iters: int, spatial_iters: int) -> list[Kind]:
     # widths / 4 (text, K/V), / 2.5 (spatial); 4 layer-wise versions; 16 x 16 latents, 5 steps
     return [
-        Kind("text", 192, 192, 44, 44, 48, text_iters),
-        Kind("kv-320", 192, 80, 6, 6, 10, text_iters),
-        Kind("sp-320", 128, 128, 16 * 16 * 5, 16 * 16, 30, spatial_iters),
+        Kind("text", 192, 192, 44, 44, 48, text_iters, TEXT),
+        Kind("kv-320", 192, 80, 6, 6, 10, text_iters, KV),
+        Kind("sp-320", 128, 128, 16 * 16 * 5, 16 * 16, 30, spatial_iters, SPATIAL),
     ]
 
 
@@ -210,32 +225,39 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def closed_form_run(problem: Problem, ridge: float) -> tuple[float, GramStats, torch.Tensor]:
-    """Stream every concept's chunks into the Grams and solve; only the update and solve are timed."""
+def closed_form_run(problem: Problem, ridge: float, heads: int = 1) -> tuple[float, GramStats, torch.Tensor]:
+    """Stream every concept's chunks into the Grams of ``heads`` layers reading them and solve
+    each layer; only the updates and solves are timed. Returns the first layer's statistics."""
     device, seconds = problem.device, 0.0
-    stats = GramStats(problem.w0)
+    first = GramStats(problem.w0)
+    layers = [first] + [GramStats(problem.w0, share=first) for _ in range(heads - 1)]
     for i in range(problem.concepts):
         for x in problem.chunks(i):  # the model makes the activations; the hooks see them one by one
             _sync(device)
             t = time.perf_counter()
-            stats.update(x, problem.changes[i])
+            for stats in layers:
+                stats.update(x, problem.changes[i], concept=i)
             _sync(device)
             seconds += time.perf_counter() - t
             del x
     t = time.perf_counter()
-    weight = solve_closed_form(stats, ridge)
+    weights = [solve_closed_form(stats, ridge) for stats in layers]
     _sync(device)
-    return seconds + time.perf_counter() - t, stats, weight
+    return seconds + time.perf_counter() - t, first, weights[0]
 
 
 def run_kind(kind: Kind, concepts: int, device: torch.device, ridge: float, repeats: int = 3) -> dict:
+    """Both methods on one kind; times are for all ``kind.count`` layers (LBFGS: one layer's x count)."""
     problem = Problem(kind, concepts, device)
     with PeakMemory(device) as mem_closed:  # untimed: exact accounting slows allocations down
-        closed_form_run(problem, ridge)
+        closed_form_run(problem, ridge, heads=max(kind.groups))
     # short, so a busy machine's noise shows: the median of a few runs (LBFGS runs once)
-    runs = [closed_form_run(problem, ridge) for _ in range(repeats)]
-    closed_time = statistics.median(r[0] for r in runs)
+    per_group = {}
+    for heads in sorted(set(kind.groups)):
+        runs = [closed_form_run(problem, ridge, heads) for _ in range(repeats)]
+        per_group[heads] = statistics.median(r[0] for r in runs)
     _, stats, w_closed = runs[0]
+    closed_time = kind.count // sum(kind.groups) * sum(per_group[h] for h in kind.groups)
     # the original: store every input and output, then LBFGS
     inputs = torch.cat([x for i in range(concepts) for x in problem.chunks(i)])
     outputs = torch.cat([x @ problem.targets[i].T for i in range(concepts) for x in problem.chunks(i)])
@@ -248,7 +270,7 @@ def run_kind(kind: Kind, concepts: int, device: torch.device, ridge: float, repe
     del inputs, outputs
     return {
         "closed_time": closed_time,
-        "lbfgs_time": lbfgs_time,
+        "lbfgs_time": lbfgs_time * kind.count,  # the original solves every layer on its own
         "closed_obj": objective(w_closed, stats),
         "lbfgs_obj": objective(w_lbfgs, stats),
         "base_obj": objective(problem.w0, stats),
@@ -292,13 +314,14 @@ def main(argv: list[str] | None = None) -> None:
           f"LBFGS {text_iters} iterations (text, K/V), {spatial_iters} (spatial); ridge {args.ridge:g}")
     for concepts in counts:
         results = {kind.name: run_kind(kind, concepts, device, args.ridge) for kind in kinds}
-        total = {key: sum(r[key] * k.count for k, r in zip(kinds, results.values()))
-                 for key in ("closed_time", "lbfgs_time", "closed_obj", "lbfgs_obj")}
+        total = {key: sum(r[key] for r in results.values()) for key in ("closed_time", "lbfgs_time")}
+        total.update({key: sum(r[key] * k.count for k, r in zip(kinds, results.values()))
+                      for key in ("closed_obj", "lbfgs_obj")})
         if args.verbose:
             for kind in kinds:
                 r = results[kind.name]
-                print(f"#   N={concepts} {kind.name:8s} x{kind.count:<3d} lbfgs {r['lbfgs_time']:8.3f}s "
-                      f"closed {r['closed_time']:7.4f}s  objective/base: lbfgs {r['lbfgs_obj'] / r['base_obj']:.3e} "
+                print(f"#   N={concepts} {kind.name:8s} x{kind.count:<3d} per layer: lbfgs {r['lbfgs_time'] / kind.count:8.3f}s "
+                      f"closed {r['closed_time'] / kind.count:7.4f}s  objective/base: lbfgs {r['lbfgs_obj'] / r['base_obj']:.3e} "
                       f"closed {r['closed_obj'] / r['base_obj']:.3e}  MB: lbfgs stores {r['lbfgs_mb']:.0f}, "
                       f"closed-form peak {r['closed_mb']:.0f}")
         peak = max(r["closed_mb"] for r in results.values())

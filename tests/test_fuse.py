@@ -27,7 +27,7 @@ from mixofshow.fuse.gram import (
 from mixofshow.fuse.io import FUSED_FORMAT, apply_fused, load_fused, save_fused
 from mixofshow.fuse.run import fuse_concepts
 from mixofshow.fuse.sources import load_sources
-from mixofshow.fuse.stages import STAGES, Fusion
+from mixofshow.fuse.stages import STAGES, Fusion, GramRecorder, shared_inputs
 from mixofshow.utils.config import ConfigError
 from mixofshow.utils.io import load_safetensors
 
@@ -133,6 +133,61 @@ def test_gram_stats_chunking_and_merging_do_not_change_the_result():
         assert other.count == one.count == sum(x.shape[0] for x in xs)
         assert torch.allclose(other.gram, one.gram) and torch.allclose(other.cross(), one.cross())
         assert other.const == pytest.approx(one.const, rel=1e-12)
+
+
+def test_layers_sharing_an_input_build_one_gram_with_their_own_targets():
+    gen = torch.Generator().manual_seed(5)
+    n, chunks = 12, 3
+    bases = [torch.randn(m, n, generator=gen, dtype=torch.float64) for m in (7, 7, 9)]
+    xs = [[torch.randn(4, n, generator=gen, dtype=torch.float64) for _ in range(chunks)] for _ in range(3)]
+    # concept 1 leaves the first layer alone (None twice in a row for it), the others change
+    deltas = [[LowRank(torch.randn(b.shape[0], 2, generator=gen, dtype=torch.float64),
+                       torch.randn(2, n, generator=gen, dtype=torch.float64)) for b in bases] for _ in range(3)]
+    deltas[0][0] = deltas[1][0] = None
+    lead = GramStats(bases[0])
+    shared = [lead] + [GramStats(b, share=lead) for b in bases[1:]]
+    alone = [GramStats(b) for b in bases]
+    for concept in range(3):
+        for x in xs[concept]:
+            for layer in range(3):  # the hooks of q, k, v see the same tensor
+                shared[layer].update(x, deltas[concept][layer], concept=concept)
+                alone[layer].update(x, deltas[concept][layer], concept=concept)
+    for s, a in zip(shared, alone):
+        s.finalize(), a.finalize()
+        assert s.gram is lead.gram and s.count == a.count == 3 * chunks * 4
+        assert torch.allclose(s.gram, a.gram, rtol=1e-12) and torch.allclose(s.cross(), a.cross(), rtol=1e-12)
+        assert s.const == pytest.approx(a.const, rel=1e-12)
+        assert torch.allclose(solve_closed_form(s), solve_closed_form(a), rtol=1e-10)
+    other = GramStats(bases[1], share=GramStats(bases[0]))
+    other.update(xs[0][0], None, concept=0)
+    with pytest.raises(RuntimeError, match="same input"):
+        other.update(xs[0][1], None, concept=0)  # its partner never read the first tensor
+    with pytest.raises(ValueError, match="concept"):
+        GramStats(bases[1], share=GramStats(bases[0])).update(xs[0][0], None)
+
+
+def test_recorded_statistics_do_not_depend_on_sharing(fusion):
+    fusion, _ = fusion
+    keys = fusion.keys["spatial"]
+    modules = {key: fusion.modules[key] for key in keys}
+    groups = shared_inputs(fusion.pipe, keys)
+    assert any(len(g) == 3 for g in groups)  # attn1 q, k, v
+    shared = fusion.record("spatial", [0])
+    with GramRecorder(modules, fusion.base, [[k] for k in keys]) as rec:
+        src = fusion.sources[0]
+        rec.deltas = {key: src.change(key) for key in keys}
+        with torch.no_grad():
+            for key, module in modules.items():
+                module.weight.copy_(src.target(key, fusion.base[key]))
+            try:
+                fusion._run_spatial(src)
+            finally:
+                for key, module in modules.items():
+                    module.weight.copy_(fusion.fused[key])
+    for key in keys:
+        alone = rec.stats[key].finalize()
+        assert torch.allclose(shared[key].gram, alone.gram, rtol=1e-10)
+        assert torch.allclose(shared[key].cross(), alone.cross(), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("n", [40, 300, 517])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mixofshow.optim import build_optimizer
-from mixofshow.optim.adams import adam_directions, adam_directions_
+from mixofshow.optim.bucketed import adam_directions, adam_directions_
 from mixofshow.optim.batching import concat_call
 from mixofshow.utils.memory import tune_cpu_allocator
 from test_optim_geometric import MIXED, close, make_pairs, make_triples, set_grads, set_triple_grads

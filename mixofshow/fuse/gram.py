@@ -19,7 +19,9 @@ is stored as its factors: folding costs ``r n^2`` instead of ``m n^2``, and the 
 ``N r`` right-hand sides instead of ``m``. Dense changes (m x n) are accepted too. Memory while
 recording is ``2 n^2`` numbers per layer (``G`` and ``P``) plus ``(m + n) r`` per concept,
 whatever the number of recorded tokens. ``G`` and ``P`` are symmetric: for wide layers only the
-blocks on and above the diagonal are multiplied (:func:`add_gram_`).
+blocks on and above the diagonal are multiplied (:func:`add_gram_`). Layers that read the same
+input (q, k, v of an attention) share one ``G`` and ``P`` (``GramStats(..., share=)``), so a
+transformer block's six spatial layers need four Grams.
 
 Solvers (pure functions of the statistics):
 
@@ -114,61 +116,120 @@ def symmetrize_(gram: torch.Tensor) -> torch.Tensor:
     return gram
 
 
+class _Inputs:
+    """The input side of one or more layers that read the same tensor: ``G``, the pending ``P``
+    of the current concept, the row count, and the layers (heads) to fold ``P`` into."""
+
+    def __init__(self) -> None:
+        self.gram: torch.Tensor | None = None  # n x n
+        self.pending: torch.Tensor | None = None
+        self.marker: object = None  # the concept the pending rows belong to
+        self.count = 0
+        self.heads: list[GramStats] = []
+        self.last: torch.Tensor | None = None  # the last input, and the heads that read it
+        self.fed: set[int] = set()
+        self.const_t: torch.Tensor | None = None
+
+    def same_concept(self, marker: object) -> bool:
+        if isinstance(marker, tuple) and isinstance(self.marker, tuple):
+            return marker == self.marker
+        return marker is self.marker
+
+    def check_all_fed(self) -> None:
+        if self.last is not None and len(self.fed) != len(self.heads):
+            raise RuntimeError(
+                f"{len(self.heads)} layers were declared to read the same input, but only "
+                f"{len(self.fed)} of them received the last one; do not share their Gram statistics"
+            )
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        pending, self.pending = symmetrize_(self.pending), None
+        self.gram = pending if self.gram is None else self.gram.add_(pending)
+        for head in self.heads:
+            head._fold(pending)
+
+
 class GramStats:
     """Running ``G``, ``C`` and ``c`` of one layer with base weight ``base`` (m x n), in float64.
 
     ``update(x, delta)`` adds rows ``x`` (..., n) of a concept whose weight is ``base + delta``
     (:class:`LowRank`, a dense m x n tensor, or None for a concept that left the layer alone).
-    Concepts are told apart by the identity of ``delta``: pass the same object for all rows of one
-    concept, and a new one for the next. ``count`` is the number of rows.
+    Concepts are told apart by ``concept`` (any value) when given, else by the identity of
+    ``delta``: pass the same object for all rows of one concept, and a new one for the next.
+    ``count`` is the number of rows.
+
+    Layers that read the same input tensor (q, k, v of one attention) can share ``G`` and ``P``:
+    ``GramStats(base_k, share=stats_q)``. Each of them still calls ``update`` with the same tensor
+    object and its own change (with ``concept`` given); the first to see a tensor adds its rows,
+    the others only take note, so the Gram is built once for all of them. A shared layer that is
+    given a different tensor is an error.
     """
 
-    def __init__(self, base: torch.Tensor) -> None:
+    def __init__(self, base: torch.Tensor, share: GramStats | None = None) -> None:
         if base.dim() != 2:
             raise ValueError(f"GramStats needs a 2-d base weight, got shape {tuple(base.shape)}")
+        if share is not None and share.shape[1] != base.shape[1]:
+            raise ValueError(f"Cannot share inputs of width {share.shape[1]} with a weight of shape {tuple(base.shape)}")
         self.base = base
-        self.gram: torch.Tensor | None = None  # n x n
+        self._inputs = share._inputs if share is not None else _Inputs()
+        self._inputs.heads.append(self)
         self.dense_cross: torch.Tensor | None = None  # m x n: sum of dense changes' D P
         self.ups: list[torch.Tensor] = []  # m x r per low-rank change
         self.projs: list[torch.Tensor] = []  # down P, r x n per low-rank change
         self.const = 0.0
-        self.count = 0
-        self._pending: torch.Tensor | None = None
-        self._pending_delta: Delta = None
+        self._delta: Delta = None  # this layer's change for the pending rows
         self._const_t: torch.Tensor | None = None  # on-device running c
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.base.shape)
 
+    @property
+    def gram(self) -> torch.Tensor | None:
+        return self._inputs.gram
+
+    @property
+    def count(self) -> int:
+        return self._inputs.count
+
     @torch.no_grad()
-    def update(self, inputs: torch.Tensor, delta: Delta) -> None:
+    def update(self, inputs: torch.Tensor, delta: Delta, concept: object = None) -> None:
         """Add rows ``inputs`` (..., n) whose target outputs are ``(base + delta) @ x``."""
         m, n = self.shape
         if inputs.shape[-1] != n:
             raise ValueError(f"Inputs of width {inputs.shape[-1]} for a weight of shape {(m, n)}")
         if delta is not None and tuple(delta.shape) != (m, n):
             raise ValueError(f"A change of shape {tuple(delta.shape)} for a weight of shape {(m, n)}")
+        shared = self._inputs
+        if len(shared.heads) > 1:
+            if concept is None:
+                raise ValueError("Layers sharing their inputs need update(..., concept=...)")
+            if inputs is shared.last and id(self) not in shared.fed:  # rows already added
+                shared.fed.add(id(self))
+                self._delta = delta
+                return
+            shared.check_all_fed()
+            shared.last, shared.fed = inputs, {id(self)}
+        marker = ("concept", concept) if concept is not None else delta
         x = inputs.reshape(-1, n).to(torch.float64)
         if x.shape[0] == 0:
+            self._delta = delta
             return
-        if self._pending is None or self._pending_delta is not delta:
-            self._flush()
-            self._pending = torch.zeros(n, n, dtype=torch.float64, device=x.device)
-            self._pending_delta = delta
-        add_gram_(self._pending, x)
-        self.count += x.shape[0]
+        if shared.pending is None or not shared.same_concept(marker):
+            shared.flush()
+            shared.pending = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+            shared.marker = marker
+        self._delta = delta
+        add_gram_(shared.pending, x)
+        shared.count += x.shape[0]
 
     @torch.no_grad()
-    def _flush(self) -> None:
-        if self._pending is None:
-            return
-        pending, delta = symmetrize_(self._pending), self._pending_delta
-        self._pending, self._pending_delta = None, None
-        if self.gram is None:
-            self.gram = pending
-        else:
-            self.gram += pending
+    def _fold(self, pending: torch.Tensor) -> None:
+        """Fold the finished concept's Gram ``P`` into this layer's ``C`` and ``c``."""
+        delta, self._delta = self._delta, None
         if delta is None:
             return
         f64 = {"device": pending.device, "dtype": torch.float64}
@@ -187,7 +248,8 @@ class GramStats:
 
     def finalize(self) -> "GramStats":
         """Fold in the pending rows and move the running constant to ``const`` (one device sync)."""
-        self._flush()
+        self._inputs.check_all_fed()
+        self._inputs.flush()
         if self._const_t is not None:
             self.const += float(self._const_t)
             self._const_t = None
@@ -216,17 +278,18 @@ class GramStats:
             return a
         dev = a.gram.device
         out = GramStats(a.base)
-        out.gram = a.gram + b.gram.to(dev)
+        out._inputs.gram = a.gram + b.gram.to(dev)
+        out._inputs.count = a.count + b.count
         dense = [d.to(dev) for d in (a.dense_cross, b.dense_cross) if d is not None]
         out.dense_cross = sum(dense[1:], dense[0]) if dense else None
         out.ups = a.ups + [u.to(dev) for u in b.ups]
         out.projs = a.projs + [p.to(dev) for p in b.projs]
-        out.const, out.count = a.const + b.const, a.count + b.count
+        out.const = a.const + b.const
         return out
 
     @property
     def empty(self) -> bool:
-        return self.gram is None and self._pending is None
+        return self.gram is None and self._inputs.pending is None
 
 
 def _change(weight: torch.Tensor, stats: GramStats) -> torch.Tensor:

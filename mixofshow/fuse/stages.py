@@ -15,9 +15,10 @@ The stages follow Mix-of-Show's ``gradient_fusion.py``:
 
 "Concept i's model" never exists as a copy: before concept i runs, the adapted ``nn.Linear``
 weights of the stage are set to ``W0 + a_i dW_i`` in place, and forward hooks add the inputs to
-the layer's float64 Gram statistics (:class:`~mixofshow.fuse.gram.GramStats`). After the last
-concept, each layer is solved and the fused weight is set, so the next stage runs on it.
-Only layers some concept adapted are touched.
+the layer's float64 Gram statistics (:class:`~mixofshow.fuse.gram.GramStats`; layers reading
+the same tensor share one Gram, see :func:`shared_inputs`). After the last concept, each layer is
+solved and the fused weight is set, so the next stage runs on it. Only layers some concept
+adapted are touched.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from mixofshow.fuse.gram import Delta, GramStats, objective, solve_closed_form, 
 from mixofshow.fuse.io import FusedFile, FusedMeta
 from mixofshow.fuse.sources import FuseSource, same_base_model
 
-__all__ = ["STAGES", "TEMPLATE", "Fusion", "GramRecorder", "linear_module", "first_end_mask"]
+__all__ = ["STAGES", "TEMPLATE", "Fusion", "GramRecorder", "linear_module", "first_end_mask", "shared_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -68,20 +69,62 @@ def first_end_mask(ids: torch.Tensor, end_id: int) -> tuple[torch.Tensor, torch.
     return pos <= first[:, None], pos == first[:, None]
 
 
+def shared_inputs(pipe, keys: Sequence[str]) -> list[list[str]]:
+    """``keys`` grouped by the input tensor their layers read in one forward call.
+
+    q, k and v of a self-attention read the same hidden states (CLIP's ``q_proj``/``k_proj``/
+    ``v_proj``, the UNet's attn1 ``to_q``/``to_k``/``to_v``), k and v of a cross-attention the same
+    text states; their Gram statistics are built once (:class:`GramStats` ``share``). Every other
+    layer is a group of its own. The grouping is checked while recording (a shared layer given
+    another tensor is an error).
+    """
+    groups: dict[tuple[str, str], list[str]] = {}
+    for key in keys:
+        component, _, name = key.partition(".")
+        parent_name, _, leaf = name.rpartition(".")
+        parent = getattr(pipe, component).get_submodule(parent_name) if parent_name else None
+        cross = getattr(parent, "is_cross_attention", None)  # diffusers' Attention has it, CLIP's not
+        if leaf in ("q_proj", "k_proj", "v_proj"):
+            role = "qkv"  # CLIP self-attention
+        elif cross is not None and leaf in (("to_k", "to_v") if cross else ("to_q", "to_k", "to_v")):
+            role = "kv" if cross else "qkv"
+        else:
+            role = leaf
+        groups.setdefault((f"{component}.{parent_name}", role), []).append(key)
+    return list(groups.values())
+
+
+def shared_stats(
+    keys: Sequence[str], groups: Sequence[Sequence[str]], bases: dict[str, torch.Tensor]
+) -> dict[str, GramStats]:
+    """:class:`GramStats` of ``keys``, those of one group sharing their input statistics."""
+    stats: dict[str, GramStats] = {}
+    for group in groups:
+        members = [k for k in group if k in keys]
+        for key in members:
+            stats[key] = GramStats(bases[key], share=stats[members[0]] if key != members[0] else None)
+    return stats
+
+
 class GramRecorder:
     """Forward hooks adding every call's inputs to its layer's :class:`GramStats`; nothing else is kept.
 
     ``deltas[key]`` is the current concept's change of the layer (``W_i - W0``, see
-    :meth:`FuseSource.change`); ``row_mask`` (B, T), when set, selects the input rows that count
-    (e.g. no padding after the end token).
+    :meth:`FuseSource.change`) and ``concept`` its index; ``row_mask`` (B, T), when set, selects
+    the input rows that count (e.g. no padding after the end token). Layers of one ``groups``
+    entry read the same input and share their Gram statistics.
     """
 
-    def __init__(self, modules: dict[str, nn.Module], bases: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self, modules: dict[str, nn.Module], bases: dict[str, torch.Tensor], groups: Sequence[Sequence[str]]
+    ) -> None:
         self.modules = modules
-        self.stats = {key: GramStats(bases[key]) for key in modules}
+        self.stats = shared_stats(list(modules), groups, bases)
         self.deltas: dict[str, Delta] = {}
+        self.concept: int = 0
         self.row_mask: torch.Tensor | None = None
         self._handles: list = []
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (raw input, rows kept)
 
     def __enter__(self) -> "GramRecorder":
         self._handles = [m.register_forward_hook(self._hook(k)) for k, m in self.modules.items()]
@@ -91,13 +134,19 @@ class GramRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._last = None
 
     def _hook(self, key: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            x = args[0].detach()
-            if self.row_mask is not None:
-                x = x[self.row_mask.to(x.device)]
-            self.stats[key].update(x, self.deltas[key])
+            raw = args[0]
+            if self._last is not None and self._last[0] is raw:
+                x = self._last[1]  # the same tensor object for layers sharing this input
+            else:
+                x = raw.detach()
+                if self.row_mask is not None:
+                    x = x[self.row_mask.to(x.device)]
+                self._last = (raw, x)
+            self.stats[key].update(x, self.deltas[key], concept=self.concept)
 
         return hook
 
@@ -188,10 +237,11 @@ class Fusion:
         modules = {key: self.modules[key] for key in keys}
         current = {key: m.weight.detach().clone() for key, m in modules.items()}
         try:
-            with GramRecorder(modules, self.base) as rec:
+            with GramRecorder(modules, self.base, shared_inputs(self.pipe, keys)) as rec:
                 for i in indices:
                     src = self.sources[i]
                     rec.deltas = {key: src.change(key) for key in keys}
+                    rec.concept = i
                     for key, module in modules.items():
                         module.weight.copy_(src.target(key, self.base[key]).to(module.weight.dtype))
                     if stage == "text_encoder":
@@ -216,7 +266,7 @@ class Fusion:
             rec.row_mask = None
 
     def _record_kv(self, keys: list[str], indices: Sequence[int]) -> dict[str, GramStats]:
-        stats = {key: GramStats(self.base[key]) for key in keys}
+        stats = shared_stats(keys, shared_inputs(self.pipe, keys), self.base)
         num_base = self.pipe.text_encoder.get_input_embeddings().num_base
         for i in indices:
             src = self.sources[i]
@@ -232,7 +282,7 @@ class Fusion:
                 for proj in ("to_k", "to_v"):
                     key = f"unet.{name}.{proj}"
                     if key in stats:
-                        stats[key].update(x, deltas[key])
+                        stats[key].update(x, deltas[key], concept=i)
             self._tick()
         return {key: s.finalize() for key, s in stats.items()}
 

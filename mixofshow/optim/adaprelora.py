@@ -27,7 +27,9 @@ from typing import Any
 
 import torch
 
-from mixofshow.optim.adams import (
+from mixofshow.optim.base import check_beta, check_positive
+from mixofshow.optim.batching import compute_dtype
+from mixofshow.optim.bucketed import (
     BucketedLoRAOptimizer,
     apply_,
     get_full_grad,
@@ -36,8 +38,6 @@ from mixofshow.optim.adams import (
     per_pair,
     state_tensor,
 )
-from mixofshow.optim.base import check_beta, check_positive
-from mixofshow.optim.batching import compute_dtype
 from mixofshow.optim.lift import damp
 from mixofshow.optim.registry import OptimizerSpec
 

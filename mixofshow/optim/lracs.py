@@ -24,7 +24,9 @@ from typing import Any
 
 import torch
 
-from mixofshow.optim.adams import (
+from mixofshow.optim.base import check_beta, check_positive
+from mixofshow.optim.batching import compute_dtype
+from mixofshow.optim.bucketed import (
     BucketedLoRAOptimizer,
     apply_,
     get_full_grad,
@@ -32,8 +34,6 @@ from mixofshow.optim.adams import (
     per_pair,
     state_tensor,
 )
-from mixofshow.optim.base import check_beta, check_positive
-from mixofshow.optim.batching import compute_dtype
 from mixofshow.optim.lift import horizontal_lift, horizontal_lift_reference, lift_products
 from mixofshow.optim.registry import OptimizerSpec
 

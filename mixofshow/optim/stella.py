@@ -25,16 +25,16 @@ from typing import Any
 
 import torch
 
-from mixofshow.optim.adams import (
+from mixofshow.optim.adamw import adamw_update
+from mixofshow.optim.base import check_beta, check_positive
+from mixofshow.optim.batching import compute_dtype, concat_call, inverse_sqrt, sym
+from mixofshow.optim.bucketed import (
     BucketedLoRAOptimizer,
     DirectionBatch,
     grad_or_zeros,
     per_pair,
     state_tensor,
 )
-from mixofshow.optim.adamw import adamw_update
-from mixofshow.optim.base import check_beta, check_positive
-from mixofshow.optim.batching import compute_dtype, concat_call, inverse_sqrt, sym
 from mixofshow.optim.registry import OptimizerSpec
 
 __all__ = ["StelLA", "stiefel_project", "stiefel_project_t", "polar", "stella_reference", "SPECS"]
