@@ -148,12 +148,15 @@ def test_layers_sharing_an_input_build_one_gram_with_their_own_targets():
     shared = [lead] + [GramStats(b, share=lead) for b in bases[1:]]
     alone = [GramStats(b) for b in bases]
     for concept in range(3):
-        for x in xs[concept]:
+        for x in [xs[concept][0][:0]] + xs[concept]:  # an empty call first: changes nothing
             for layer in range(3):  # the hooks of q, k, v see the same tensor
                 shared[layer].update(x, deltas[concept][layer], concept=concept)
                 alone[layer].update(x, deltas[concept][layer], concept=concept)
-    for s, a in zip(shared, alone):
+    for layer, (s, a) in enumerate(zip(shared, alone)):
         s.finalize(), a.finalize()
+        grams = [sum(x.T @ x for x in xs[c]) for c in range(3)]
+        expected = sum(d[layer].dense() @ g for d, g in zip(deltas, grams) if d[layer] is not None)
+        assert torch.allclose(s.cross(), expected, rtol=1e-10)
         assert s.gram is lead.gram and s.count == a.count == 3 * chunks * 4
         assert torch.allclose(s.gram, a.gram, rtol=1e-12) and torch.allclose(s.cross(), a.cross(), rtol=1e-12)
         assert s.const == pytest.approx(a.const, rel=1e-12)

@@ -78,3 +78,18 @@ def test_allocator_tuning_is_accepted_by_glibc():
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("not glibc")  # the CI machines are glibc Linux; elsewhere it is a no-op
     assert tune_cpu_allocator() is True
+
+
+def test_state_of_another_layout_is_a_clear_error():
+    triples, targets = make_triples(MIXED[:2], seed=22)
+    opt = build_optimizer("stella", [{"triples": triples, "lr": 0.01}])
+    set_triple_grads(triples, targets)
+    opt.step()
+    saved = opt.state_dict()
+    for st in saved["state"].values():
+        if "exp_avg_U" in st:
+            st["exp_avg_U"] = st["exp_avg_U"].mT.contiguous()  # the (m, r) layout of older states
+    opt.load_state_dict(saved)
+    set_triple_grads(triples, targets)
+    with pytest.raises(RuntimeError, match="exp_avg_U.*expected"):
+        opt.step()

@@ -204,20 +204,21 @@ class GramStats:
         if delta is not None and tuple(delta.shape) != (m, n):
             raise ValueError(f"A change of shape {tuple(delta.shape)} for a weight of shape {(m, n)}")
         shared = self._inputs
+        empty = inputs.numel() == 0  # changes nothing (and must not relabel the pending rows)
         if len(shared.heads) > 1:
             if concept is None:
                 raise ValueError("Layers sharing their inputs need update(..., concept=...)")
             if inputs is shared.last and id(self) not in shared.fed:  # rows already added
                 shared.fed.add(id(self))
-                self._delta = delta
+                if not empty:
+                    self._delta = delta
                 return
             shared.check_all_fed()
             shared.last, shared.fed = inputs, {id(self)}
+        if empty:
+            return
         marker = ("concept", concept) if concept is not None else delta
         x = inputs.reshape(-1, n).to(torch.float64)
-        if x.shape[0] == 0:
-            self._delta = delta
-            return
         if shared.pending is None or not shared.same_concept(marker):
             shared.flush()
             shared.pending = torch.zeros(n, n, dtype=torch.float64, device=x.device)

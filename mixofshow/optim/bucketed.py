@@ -144,10 +144,16 @@ def get_full_grad(opt_name: str, a: torch.Tensor, shape: tuple[int, int]) -> tor
 
 def state_tensor(state: dict, key: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
     """``state[key]``, created as zeros on first use and kept in ``dtype`` (a safety net: torch's
-    load_state_dict casts floating state to the parameter dtype, e.g. fp32 moments to bf16)."""
+    load_state_dict casts floating state to the parameter dtype, e.g. fp32 moments to bf16).
+    A loaded tensor of another shape (state saved by another layout) is a clear error."""
     t = state.get(key)
     if t is None:
         t = state[key] = torch.zeros(shape, dtype=dtype, device=device)
+    elif tuple(t.shape) != tuple(shape):
+        raise RuntimeError(
+            f"Optimizer state {key!r} has shape {tuple(t.shape)}, expected {tuple(shape)}: the state "
+            "was saved by another version or for other parameters"
+        )
     elif t.dtype != dtype:
         t = state[key] = t.to(dtype)
     return t
