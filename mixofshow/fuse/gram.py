@@ -128,7 +128,6 @@ class _Inputs:
         self.heads: list[GramStats] = []
         self.last: torch.Tensor | None = None  # the last input, and the heads that read it
         self.fed: set[int] = set()
-        self.const_t: torch.Tensor | None = None
 
     def same_concept(self, marker: object) -> bool:
         if isinstance(marker, tuple) and isinstance(self.marker, tuple):
@@ -172,7 +171,9 @@ class GramStats:
         if base.dim() != 2:
             raise ValueError(f"GramStats needs a 2-d base weight, got shape {tuple(base.shape)}")
         if share is not None and share.shape[1] != base.shape[1]:
-            raise ValueError(f"Cannot share inputs of width {share.shape[1]} with a weight of shape {tuple(base.shape)}")
+            raise ValueError(
+                f"Cannot share inputs of width {share.shape[1]} with a weight of shape {tuple(base.shape)}"
+            )
         self.base = base
         self._inputs = share._inputs if share is not None else _Inputs()
         self._inputs.heads.append(self)
