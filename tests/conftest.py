@@ -24,3 +24,14 @@ def embedded_pipeline_factory():
 def _torch_threads():
     torch.set_num_threads(2)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: for tests of tiny tensors, where a second thread only adds
+    synchronisation (and stalls when the machine is busy). Modules use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -35,13 +35,7 @@ WORDS = {"cat": ["<cat1>", "<cat2>"], "dog": ["<dog1>", "<dog2>"]}
 FAST = {"spatial_steps": 2, "resolution": 32}  # 16 x 16 latents, 2 recorded steps per concept
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the embedded model's matrices are tiny: one thread is faster, and far faster on a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_concept(path, factory, words, seed: int) -> None:

@@ -26,13 +26,7 @@ SHAPES = [(12, 10, 1), (8, 14, 2), (16, 16, 4), (20, 9, 8)]  # (m, n, r): m != n
 MIXED = [(12, 10, 2), (12, 10, 2), (16, 16, 4), (16, 16, 4), (16, 16, 4), (9, 14, 4), (20, 9, 8)]
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """The tensors here are tiny: a second thread only adds synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_pair(m, n, r, gen, dtype=F64):

@@ -22,14 +22,7 @@ SHAPES = [(12, 10, 2), (12, 10, 2), (9, 14, 4)]  # (m, n, r)
 NEGATIVE_INVALID = ("eps", "weight_decay", "reg", "ratio", "damping", "clip_threshold", "skip_threshold")
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """The tensors here are tiny: a second thread only adds synchronisation (and stalls when the
-    machine is busy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def key_of(spec) -> str:

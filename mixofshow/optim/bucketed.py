@@ -31,6 +31,7 @@ __all__ = [
     "next_steps",
     "per_pair",
     "state_tensor",
+    "step_counters",
 ]
 
 
@@ -159,15 +160,19 @@ def state_tensor(state: dict, key: str, shape: tuple[int, ...], dtype: torch.dty
     return t
 
 
-def next_steps(states: list[dict]) -> list[int]:
-    """Increment and return the per-pair step counters (CPU tensors, as torch.optim.Adam keeps them;
-    incremented in place like torch's, so a ``state_dict()`` is a view of the running state and
-    ``load_state_dict`` copies)."""
-    counters = []
+def step_counters(states: list[dict]) -> list[torch.Tensor]:
+    """The per-pair step counters (CPU float32 scalars, as torch.optim.Adam keeps them), created
+    at 0; they are incremented in place, so a ``state_dict()`` is a view of the running state and
+    ``load_state_dict`` copies."""
     for st in states:
         if "step" not in st:
             st["step"] = torch.tensor(0.0)
-        counters.append(st["step"])
+    return [st["step"] for st in states]
+
+
+def next_steps(states: list[dict]) -> list[int]:
+    """Increment the per-pair step counters (:func:`step_counters`); return their new values."""
+    counters = step_counters(states)
     torch._foreach_add_(counters, 1.0)
     return [int(t) for t in counters]
 

@@ -34,6 +34,7 @@ from mixofshow.optim.bucketed import (
     grad_or_zeros,
     per_pair,
     state_tensor,
+    step_counters,
 )
 from mixofshow.optim.registry import OptimizerSpec
 
@@ -124,9 +125,6 @@ class StelLA(BucketedLoRAOptimizer):
             s_list = [s for _, s, _ in triples]
             sdt, dev = compute_dtype(s_list[0].dtype), s_list[0].device
             shape = tuple(s_list[0].shape)
-            for st in states:
-                if "step" not in st:
-                    st["step"] = torch.tensor(0.0)
             beta1, beta2 = group["betas"]
             # S: torch's AdamW step (fused kernel on CPU; float32 copies of low-precision S, whose
             # moments are float32); it also advances the triples' step counters
@@ -135,7 +133,7 @@ class StelLA(BucketedLoRAOptimizer):
                 params, [grad_or_zeros(s, sdt) for s in s_list],
                 [state_tensor(st, "exp_avg_S", shape, sdt, dev) for st in states],
                 [state_tensor(st, "exp_avg_sq_S", shape, sdt, dev) for st in states],
-                [st["step"] for st in states],
+                step_counters(states),
                 lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"], fused=dev.type == "cpu",
             )  # fmt: skip

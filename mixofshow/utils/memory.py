@@ -4,7 +4,7 @@ glibc's malloc serves large blocks (from 128 KiB, a threshold that then follows 
 freed) with ``mmap`` and gives freed memory at the top of the heap back to the system beyond a
 trim threshold. A CPU training or fusion step that allocates and frees megabytes of temporaries
 (stacked LoRA factors, activations) therefore faults the same pages in again at every step: with
-glibc's defaults StelLA's step took 2.3-2.4x AdamW(foreach)'s instead of 1.6-1.8x
+glibc's defaults StelLA's step took 2.2-2.4x AdamW(foreach)'s instead of 1.5-1.8x
 (``python bench/optimizers.py --optimizers stella [--default-malloc]``). Raising both thresholds
 keeps freed blocks for reuse; the process's resident memory stays at its high-water mark instead
 of shrinking.
