@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         {"output_dir": args.output_dir, "optimizer.name": args.optimizer,
          "train.max_steps": args.max_steps, "validation.every": -1},
     )
-    result = train(config)
+    result = train(config, overwrite=True)  # the demo's folder is its own: rerunning replaces it
     pipe = load_pipeline(config.base_model)
     adapter = load_adapter(pipe, result.concept_path)
     out = Path(args.output_dir) / "samples"

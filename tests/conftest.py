@@ -35,3 +35,40 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# -- training helpers (tests/test_train*.py) -------------------------------------------------
+EXAMPLE_TRAIN_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "example.yaml")
+
+
+@pytest.fixture
+def small_train_config():
+    """``make(root, **{"key.sub": value})``: the shipped example config, 4 CPU steps of batch 1,
+    a checkpoint every 2 steps, no validation, run folder ``root / "run"``."""
+    from mixofshow.train.config import load_train_config
+
+    def make(root, **overrides):
+        base = {
+            "output_dir": str(root / "run"),
+            "train.max_steps": 4,
+            "train.batch_size": 1,
+            "train.checkpoint_every": 2,
+            "validation.every": -1,
+        }
+        base.update(overrides)
+        return load_train_config(EXAMPLE_TRAIN_CONFIG, base)
+
+    return make
+
+
+@pytest.fixture
+def checkpoint_weights():
+    """``weights(run_dir)``: the trainable tensors of a run folder's newest checkpoint."""
+    from mixofshow.train.checkpoint import latest_checkpoint
+    from mixofshow.utils.io import load_safetensors
+
+    def weights(run_dir):
+        tensors, _ = load_safetensors(latest_checkpoint(run_dir / "checkpoints") / "trainable.safetensors")
+        return tensors
+
+    return weights

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,33 +13,18 @@ from mixofshow.concepts.io import load_concept
 from mixofshow.train.config import load_train_config
 from mixofshow.train.loop import train
 from mixofshow.utils.config import ConfigError
-from mixofshow.utils.io import load_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "configs" / "example.yaml"
 
 
-def small_config(tmp_path: Path, **overrides):
-    base = {
-        "output_dir": str(tmp_path / "run"),
-        "train.max_steps": 4,
-        "train.batch_size": 1,
-        "train.checkpoint_every": 2,
-        "validation.every": -1,
-    }
-    base.update(overrides)
-    return load_train_config(EXAMPLE, base)
+def _no_constants(name):
+    raise AssertionError(f"metrics.json holds the non-JSON constant {name}")
 
 
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    ckpts = sorted((run_dir / "checkpoints").iterdir())
-    tensors, _ = load_safetensors(ckpts[-1] / "trainable.safetensors")
-    return tensors
-
-
-def test_train_writes_concept_checkpoints_logs_and_metrics(tmp_path):
+def test_train_writes_concept_checkpoints_logs_and_metrics(tmp_path, small_train_config):
     seen = []
-    result = train(small_config(tmp_path), progress=seen.append)
+    result = train(small_train_config(tmp_path), progress=seen.append)
     run = tmp_path / "run"
     assert result.steps == 4 and not result.stopped
     concept = load_concept(result.concept_path)
@@ -50,13 +36,23 @@ def test_train_writes_concept_checkpoints_logs_and_metrics(tmp_path):
     assert list((run / "logs").rglob("events.out.tfevents*"))
     assert [p.step for p in seen if p.phase == "train"] == [1, 2, 3, 4]
     assert seen[-1].phase == "done"
+    # contract 1 of the training API: metrics.json, strict JSON, rewritten at the end
+    metrics = json.loads((run / "metrics.json").read_text(), parse_constant=_no_constants)
+    assert metrics == result.metrics
+    assert metrics["name"] == "robot" and metrics["optimizer"] == "adamw"
+    assert (metrics["steps"], metrics["max_steps"], metrics["stopped"], metrics["finished"]) == (4, 4, False, True)
+    assert len(metrics["losses"]) == 4 and all(isinstance(x, float) for x in metrics["losses"])
+    assert metrics["final_loss"] == metrics["losses"][-1]
+    assert metrics["mean_loss_last_10"] == pytest.approx(sum(metrics["losses"]) / 4)
+    assert 0 < metrics["optimizer_step_seconds"] < metrics["seconds_per_step"] < metrics["seconds"]
+    assert metrics["peak_memory_mb"] > 0 and metrics["concept_path"] == str(result.concept_path)
 
 
-def test_only_concept_rows_and_lora_change(tmp_path):
+def test_only_concept_rows_and_lora_change(tmp_path, small_train_config):
     from mixofshow.concepts.edlora import EDLoRA
     from mixofshow.models.embedded import build_embedded_pipeline
 
-    result = train(small_config(tmp_path, **{"train.max_steps": 2}))
+    result = train(small_train_config(tmp_path, **{"train.max_steps": 2}))
     pipe = build_embedded_pipeline()
     reference = build_embedded_pipeline()
     model = EDLoRA.from_concept(pipe, result.concept_path)
@@ -66,23 +62,29 @@ def test_only_concept_rows_and_lora_change(tmp_path):
     assert not torch.allclose(model.embedding_parameter()[7:], initial_class.expand(7, -1))
 
 
-def test_resume_matches_straight_run(tmp_path):
-    straight = train(small_config(tmp_path / "a"))
+def test_resume_matches_straight_run(tmp_path, small_train_config, checkpoint_weights):
+    straight = train(small_train_config(tmp_path / "a"))
     calls = {"n": 0}
 
     def stop_after_two():
         calls["n"] += 1
         return calls["n"] > 2  # polled before each step: stop before step 3
 
-    first = train(small_config(tmp_path / "b"), should_stop=stop_after_two)
+    first = train(small_train_config(tmp_path / "b"), should_stop=stop_after_two)
     assert first.stopped and first.steps == 2 and first.concept_path is None
-    resumed = train(small_config(tmp_path / "b"), resume=True)
+    resumed = train(small_train_config(tmp_path / "b"), resume=True)
     assert resumed.steps == 4
-    a, b = final_weights(tmp_path / "a" / "run"), final_weights(tmp_path / "b" / "run")
+    a, b = checkpoint_weights(tmp_path / "a" / "run"), checkpoint_weights(tmp_path / "b" / "run")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), key
     assert straight.metrics["final_loss"] == pytest.approx(resumed.metrics["final_loss"], abs=1e-6)
+    # metrics cover the whole run, both sessions: every step's loss, the total time
+    assert resumed.metrics["losses"] == pytest.approx(straight.metrics["losses"], abs=1e-6)
+    assert resumed.metrics["mean_loss_last_10"] == pytest.approx(straight.metrics["mean_loss_last_10"], abs=1e-6)
+    assert resumed.metrics["seconds"] > first.metrics["seconds"] > 0
+    assert resumed.metrics["finished"] and not first.metrics["finished"] and first.metrics["losses"] == \
+        pytest.approx(straight.metrics["losses"][:2], abs=1e-6)
 
 
 def test_cli_train_with_overrides(tmp_path, capsys):
@@ -95,7 +97,7 @@ def test_cli_train_with_overrides(tmp_path, capsys):
     assert (tmp_path / "cli" / "robot.safetensors").is_file()
 
 
-def test_config_errors_name_the_key(tmp_path):
+def test_config_errors_name_the_key(tmp_path, small_train_config):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\ndata: {concept_list: a.json}\nconcept: {words: ['<a1>']}\ntrain: {max_stepz: 3}\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml\.train: unknown key 'max_stepz'"):
@@ -104,7 +106,7 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"lora\.rank: expected an integer"):
         load_train_config(bad)
     with pytest.raises(ValueError, match="Unknown optimizer 'nope'"):
-        train(small_config(tmp_path, **{"optimizer.name": "nope"}))
+        train(small_train_config(tmp_path, **{"optimizer.name": "nope"}))
     assert main(["train", str(bad)]) == 2
 
 

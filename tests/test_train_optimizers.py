@@ -1,4 +1,9 @@
-"""Every registered optimizer drives ED-LoRA training, and resumes mid-run exactly."""
+"""Registered optimizers drive ED-LoRA training and resume mid-run exactly.
+
+By default one optimizer (AdaPReLoRA: it reads the full weight gradient, the state most easily
+lost across a checkpoint) runs the resume check; the sweep over the whole registry is marked
+``slow`` (``python -m pytest -m slow tests/test_train_optimizers.py``).
+"""
 
 from __future__ import annotations
 
@@ -7,53 +12,71 @@ import torch
 
 from mixofshow.concepts.edlora import EDLoRA
 from mixofshow.concepts.io import load_concept
-from mixofshow.concepts.lora import lora_layers
 from mixofshow.models.embedded import build_embedded_pipeline
 from mixofshow.optim import SPECS
+from mixofshow.train import loop
 from mixofshow.train.loop import train
-from test_train import final_weights, small_config
 
 
-@pytest.mark.parametrize("name", sorted(SPECS))
-def test_optimizer_trains_and_resumes_exactly(name, tmp_path):
+def _trains_and_resumes_exactly(name, tmp_path, small_train_config, checkpoint_weights):
     overrides = {"optimizer.name": name, "train.max_steps": 3, "train.checkpoint_every": 0}
-    straight = train(small_config(tmp_path / "a", **overrides))
+    straight = train(small_train_config(tmp_path / "a", **overrides))
     stops = iter([False, False, True])
-    first = train(small_config(tmp_path / "b", **overrides), should_stop=lambda: next(stops))
+    first = train(small_train_config(tmp_path / "b", **overrides), should_stop=lambda: next(stops))
     assert first.stopped and first.steps == 2
-    train(small_config(tmp_path / "b", **overrides), resume=True)
-    a, b = final_weights(tmp_path / "a" / "run"), final_weights(tmp_path / "b" / "run")
+    train(small_train_config(tmp_path / "b", **overrides), resume=True)
+    a, b = checkpoint_weights(tmp_path / "a" / "run"), checkpoint_weights(tmp_path / "b" / "run")
+    assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), key
-
     concept = load_concept(straight.concept_path)
     assert concept.meta.optimizer == name
     moved = [float(b_.abs().max()) for _, b_ in concept.lora.values()]
     assert all(torch.isfinite(torch.tensor(moved))) and max(moved) > 0
-    model = EDLoRA.from_concept(build_embedded_pipeline(), straight.concept_path)  # always loads as B A
-    if SPECS[name].factorization == "usv":
-        # StelLA trains U S V^T; the file stores the equivalent (A = V^T, B = U S)
-        assert all(layer.factorization == "ab" for _, layer in lora_layers(model.unet))
 
 
-def test_stella_layers_stay_on_the_stiefel_manifold(tmp_path):
-    from mixofshow.train.config import load_train_config  # noqa: F401  (config path shared with small_config)
-    from mixofshow.train import loop
+def test_full_gradient_optimizer_resumes_exactly(tmp_path, small_train_config, checkpoint_weights):
+    assert SPECS["adaprelora"].needs_full_grad
+    _trains_and_resumes_exactly("adaprelora", tmp_path, small_train_config, checkpoint_weights)
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_optimizer_trains_and_resumes_exactly(name, tmp_path, small_train_config, checkpoint_weights):
+    _trains_and_resumes_exactly(name, tmp_path, small_train_config, checkpoint_weights)
+
+
+def test_stella_stays_on_the_stiefel_manifold_and_its_file_holds_the_trained_update(
+    tmp_path, small_train_config, monkeypatch
+):
     captured = {}
-    original = loop._Run.save
+    real_save = loop.save_run
 
-    def spy(self, step):
-        captured["layers"] = self.model.all_layers()
-        return original(self, step)
+    def spy(setup, state):
+        captured["layers"] = setup.model.all_layers()
+        return real_save(setup, state)
 
-    loop._Run.save = spy
-    try:
-        train(small_config(tmp_path, **{"optimizer.name": "stella", "train.max_steps": 2, "train.checkpoint_every": 0}))
-    finally:
-        loop._Run.save = original
-    for name, layer in captured["layers"].items():
+    monkeypatch.setattr(loop, "save_run", spy)
+    result = train(small_train_config(tmp_path, **{"optimizer.name": "stella", "train.max_steps": 2,
+                                                   "train.checkpoint_every": 0}))
+    trained = captured["layers"]
+    for name, layer in trained.items():
         assert layer.factorization == "usv", name
         eye = torch.eye(layer.rank)
         assert torch.allclose(layer.lora_U.T @ layer.lora_U, eye, atol=1e-5), name
         assert torch.allclose(layer.lora_V.T @ layer.lora_V, eye, atol=1e-5), name
+    # The file stores StelLA's U S V^T as (A = V^T, B = U S): loaded as B A, every layer's update
+    # is the trained one (and not the zero a fresh B A layer would give: S moved away from 0).
+    concept = load_concept(result.concept_path)
+    model = EDLoRA.from_concept(build_embedded_pipeline(), result.concept_path)
+    loaded = model.all_layers()
+    assert set(concept.lora) == set(trained) == set(loaded)
+    moved = 0.0
+    for name, layer in trained.items():
+        with torch.no_grad():
+            expected = layer.lora_U @ layer.lora_S @ layer.lora_V.T
+            a, b = concept.lora[name]
+            assert torch.allclose(b @ a, expected, atol=1e-6), name
+            assert torch.allclose(loaded[name].delta_weight(), layer.delta_weight(), atol=1e-6), name
+        moved = max(moved, float(expected.abs().max()))
+    assert moved > 0

@@ -22,9 +22,10 @@ from mixofshow.concepts.lora import (
     unet_lora_targets,
 )
 from mixofshow.concepts.tokens import LayerwiseTextEncoder, add_concept_words, concept_embedding
+from mixofshow.models.identity import base_model_name, set_lora_scale
 from mixofshow.utils.io import FileFormatError
 
-__all__ = ["LoRAConfig", "EDLoRA", "base_model_name"]
+__all__ = ["LoRAConfig", "EDLoRA", "base_model_name"]  # base_model_name: re-exported from models/identity.py
 
 
 @dataclass
@@ -37,19 +38,16 @@ class LoRAConfig:
     unet: bool = True  # LoRA on to_q/k/v/out of every attn1 and attn2
 
 
-def base_model_name(pipe) -> str:
-    return str(getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "unknown"))
-
-
 class EDLoRA:
     """An ED-LoRA model on top of ``pipe`` (modified in place).
 
     Args:
         pipe: a ``StableDiffusionPipeline``.
         words: the concept words, e.g. ``["<potter1>", "<potter2>"]``.
-        init: per word, a class word, an (L, dim) tensor, or None (random).
+        init: per word, a class word, an (L, dim) tensor, or None (random, N(0, init_std^2)).
         lora: LoRA layer settings; None adds no LoRA (embeddings only).
         generator: RNG for random initialisation.
+        init_std: std of the random initialisation of words without ``init``.
     """
 
     def __init__(
@@ -59,6 +57,7 @@ class EDLoRA:
         init: dict | None = None,
         lora: LoRAConfig | None = LoRAConfig(),
         generator: torch.Generator | None = None,
+        init_std: float = 0.013,
     ) -> None:
         self.pipe = pipe
         self.tokenizer = pipe.tokenizer
@@ -70,7 +69,7 @@ class EDLoRA:
         self.words = list(words)
         self.lora_config = lora
         self.token_ids = add_concept_words(
-            self.tokenizer, self.text_encoder, self.words, self.num_layers, init, generator=generator
+            self.tokenizer, self.text_encoder, self.words, self.num_layers, init, std=init_std, generator=generator
         )
         self.layers: dict[str, dict[str, LoRALinear]] = {"text_encoder": {}, "unet": {}}
         if lora is not None:
@@ -97,8 +96,7 @@ class EDLoRA:
 
     def set_lora_multiplier(self, value: float) -> None:
         """Sample-time LoRA scale: 0 shows the embeddings alone, 1 the trained concept."""
-        for layer in self.all_layers().values():
-            layer.multiplier = float(value)
+        set_lora_scale(self.pipe, value)
 
     def concept_mean_norm(self) -> torch.Tensor:
         """Mean L2 norm of the concept-token embeddings (Mix-of-Show freezes them at 0.55)."""

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from mixofshow.concepts.attention import num_cross_attention_layers
-from mixofshow.concepts.edlora import base_model_name
+from mixofshow.models.identity import base_model_name
 from mixofshow.concepts.io import ConceptFile, ConceptMeta, load_concept
 from mixofshow.concepts.lora import text_encoder_lora_targets, unet_lora_targets
 from mixofshow.utils.io import FileFormatError, save_safetensors

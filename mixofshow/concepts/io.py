@@ -20,12 +20,15 @@ from typing import Any
 
 import torch
 
+from mixofshow.models.identity import CONCEPT_FORMAT
+from mixofshow.utils.finite import check_finite
 from mixofshow.utils.io import FileFormatError, load_safetensors, save_safetensors
 from mixofshow.utils.io import dataclass_from_metadata, dataclass_to_metadata
 
 __all__ = ["CONCEPT_FORMAT", "ConceptMeta", "ConceptFile", "save_concept", "load_concept"]
 
-CONCEPT_FORMAT = "mixofshow.edlora/1"
+_SPOILED = "the concept is spoiled (its training diverged); retrain it, e.g. with a lower learning rate"
+
 _COMPONENTS = ("text_encoder", "unet")
 _RAW_STRINGS = ("base_model", "optimizer")  # stored as is; every other field as JSON
 
@@ -72,11 +75,16 @@ def save_concept(path: str | os.PathLike, concept: ConceptFile) -> None:
     for name, (a, b) in concept.lora.items():
         tensors[f"{name}.lora_down"] = a.float()
         tensors[f"{name}.lora_up"] = b.float()
+    check_finite(tensors, f"{path}: not written", "a concept file never holds NaN or inf")
     save_safetensors(path, tensors, concept.meta.to_strings())
 
 
 def load_concept(path: str | os.PathLike) -> ConceptFile:
-    """Read and validate a concept file; errors name the file and the key."""
+    """Read and validate a concept file; errors name the file and the key.
+
+    Every consumer (sampling, fusion, export) loads concepts here, so a file holding a
+    NaN or an infinity is refused once for all of them, naming the file and the tensor.
+    """
     where = str(path)
     if Path(path).suffix in (".pth", ".pt", ".ckpt", ".bin"):
         raise FileFormatError(
@@ -84,6 +92,7 @@ def load_concept(path: str | os.PathLike) -> ConceptFile:
         )
     tensors, raw_meta = load_safetensors(path)
     meta = ConceptMeta.from_strings(raw_meta, where)
+    check_finite(tensors, where, _SPOILED, FileFormatError)
     embeddings, downs, ups = {}, {}, {}
     for key, value in tensors.items():
         if key.startswith("embeddings."):

@@ -31,12 +31,13 @@ import torch
 from mixofshow.concepts.attention import install_layerwise_attention, num_cross_attention_layers
 from mixofshow.concepts.lora import LoRALinear
 from mixofshow.concepts.tokens import LayerwiseTextEncoder, add_concept_words, layer_token_names
+from mixofshow.models.identity import FUSED_FORMAT
+from mixofshow.utils.finite import check_finite
 from mixofshow.utils.io import FileFormatError, load_safetensors, save_safetensors
 from mixofshow.utils.io import dataclass_from_metadata, dataclass_to_metadata
 
 __all__ = ["FUSED_FORMAT", "FusedMeta", "FusedFile", "FusedModel", "save_fused", "load_fused", "apply_fused"]
 
-FUSED_FORMAT = "mixofshow.fused/1"
 _COMPONENTS = ("text_encoder", "unet")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -77,6 +78,7 @@ def save_fused(path: str | os.PathLike, fused: FusedFile, dtype: str = "fp32") -
         raise ValueError(f"Invalid save dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
     tensors = {f"embeddings.{w}": e.float() for w, e in fused.embeddings.items()}
     tensors.update({f"{key}.delta": d.to(_DTYPES[dtype]) for key, d in fused.deltas.items()})
+    check_finite(tensors, f"{path}: not written", "a fused file never holds NaN or inf")
     save_safetensors(path, tensors, fused.meta.to_strings())
 
 
@@ -87,6 +89,7 @@ def load_fused(path: str | os.PathLike) -> FusedFile:
         raise FileFormatError(f"{where}: no such file (expected a fused model .safetensors)")
     tensors, raw = load_safetensors(path)
     meta = FusedMeta.from_strings(raw, where)
+    check_finite(tensors, where, "the fused model is spoiled; fuse its concepts again", FileFormatError)
     embeddings, deltas = {}, {}
     for key, value in tensors.items():
         if key.startswith("embeddings."):

@@ -18,6 +18,7 @@ from mixofshow.fuse.config import FuseConfig
 from mixofshow.fuse.io import FusedFile, save_fused
 from mixofshow.fuse.sources import FuseSource, load_sources
 from mixofshow.fuse.stages import Fusion
+from mixofshow.models.identity import sampling_state
 from mixofshow.models.loading import load_pipeline
 
 __all__ = ["FuseOutcome", "fuse_concepts", "resolve_base_model"]
@@ -60,10 +61,10 @@ def fuse_concepts(
         pipe = load_pipeline(resolve_base_model(config, sources), dtype=config.dtype,
                              config=config.base_model_config).to(device)
     for part in (pipe.unet, pipe.text_encoder):
-        part.eval().requires_grad_(False)
+        part.requires_grad_(False)
     log.info("fusing %d concepts (%s) by %s", len(sources), ", ".join(s.name for s in sources), config.method)
-    fusion = Fusion(pipe, sources, config, progress=progress)
-    fused = fusion.run()
+    with sampling_state(pipe):  # fusion records in eval mode; the pipe's modes are restored after
+        fused = Fusion(pipe, sources, config, progress=progress).run()
     output = diffusers_output = None
     if write:
         output = Path(config.output)

@@ -17,20 +17,12 @@ from mixofshow.concepts.io import ConceptFile, load_concept
 from mixofshow.concepts.tokens import layer_token_names
 from mixofshow.fuse.config import FuseConceptConfig
 from mixofshow.fuse.gram import LowRank
-from mixofshow.models.embedded import EMBEDDED_NAME
+from mixofshow.models.identity import same_base_model
 from mixofshow.utils.io import FileFormatError
 
-__all__ = ["FuseSource", "load_sources", "check_compatible", "same_base_model"]
+__all__ = ["FuseSource", "load_sources", "check_compatible"]
 
-_EMBEDDED_ALIASES = {"embedded", EMBEDDED_NAME}
 TEXT, UNET = "text_encoder", "unet"
-
-
-def same_base_model(a: str, b: str) -> bool:
-    """Whether two recorded base-model names mean the same model (embedded aliases, trailing /)."""
-    if a in _EMBEDDED_ALIASES or b in _EMBEDDED_ALIASES:
-        return a in _EMBEDDED_ALIASES and b in _EMBEDDED_ALIASES
-    return a.rstrip("/") == b.rstrip("/")
 
 
 @dataclass

@@ -31,13 +31,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mixofshow.concepts.attention import cross_attention_layers, install_layerwise_attention
-from mixofshow.concepts.edlora import base_model_name
 from mixofshow.concepts.lora import LoRALinear
 from mixofshow.concepts.tokens import LayerwiseTextEncoder, add_concept_words
 from mixofshow.fuse.config import FuseConfig, config_summary
 from mixofshow.fuse.gram import Delta, GramStats, objective, solve_closed_form, solve_lbfgs, weight_fusion
 from mixofshow.fuse.io import FusedFile, FusedMeta
-from mixofshow.fuse.sources import FuseSource, same_base_model
+from mixofshow.fuse.sources import FuseSource
+from mixofshow.models.identity import base_model_name, same_base_model
 
 __all__ = ["STAGES", "TEMPLATE", "Fusion", "GramRecorder", "linear_module", "first_end_mask", "shared_inputs"]
 

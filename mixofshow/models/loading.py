@@ -14,13 +14,13 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
-from mixofshow.models.embedded import EMBEDDED_NAME, build_embedded_pipeline
+from mixofshow.models.embedded import build_embedded_pipeline
+from mixofshow.models.identity import EMBEDDED_ALIASES
 
 __all__ = ["ModelLoadError", "load_pipeline", "is_offline", "resolve_dtype"]
 
 log = logging.getLogger(__name__)
 
-_EMBEDDED_ALIASES = {"embedded", EMBEDDED_NAME}
 _SINGLE_FILE_SUFFIXES = (".safetensors",)
 _PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -62,7 +62,7 @@ def load_pipeline(
     """
     dtype = resolve_dtype(dtype)
     offline = is_offline() if local_files_only is None else local_files_only
-    if base_model in _EMBEDDED_ALIASES:
+    if base_model in EMBEDDED_ALIASES:
         return build_embedded_pipeline(dtype)
     path = Path(base_model).expanduser()
     common = {"dtype": dtype, "safety_checker": None, "requires_safety_checker": False}

@@ -17,17 +17,14 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 
 from mixofshow.concepts.attention import num_cross_attention_layers
-from mixofshow.concepts.edlora import EDLoRA, base_model_name
-from mixofshow.concepts.io import CONCEPT_FORMAT
-from mixofshow.models.embedded import EMBEDDED_NAME
+from mixofshow.concepts.edlora import EDLoRA
+from mixofshow.models.identity import CONCEPT_FORMAT, FUSED_FORMAT, base_model_name, same_base_model
 from mixofshow.utils.io import FileFormatError
 
 __all__ = ["FUSED_FORMAT", "adapter_metadata", "check_base_model", "load_adapter"]
 
 log = logging.getLogger(__name__)
 
-FUSED_FORMAT = "mixofshow.fused/1"
-_EMBEDDED_ALIASES = {"embedded", EMBEDDED_NAME}
 _PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 
 
@@ -48,12 +45,6 @@ def adapter_metadata(path: str | os.PathLike) -> tuple[dict[str, str], dict[str,
     except (SafetensorError, OSError, ValueError) as err:
         raise FileFormatError(f"{path}: not a readable .safetensors file ({err})") from None
     return meta, shapes
-
-
-def _same_model(a: str, b: str) -> bool:
-    if a in _EMBEDDED_ALIASES or b in _EMBEDDED_ALIASES:
-        return a in _EMBEDDED_ALIASES and b in _EMBEDDED_ALIASES
-    return a.rstrip("/") == b.rstrip("/")
 
 
 def _json_int(meta: dict[str, str], key: str, where: str) -> int | None:
@@ -107,7 +98,7 @@ def check_base_model(
                 f"{where}: tensor {key!r} has shape {shape}, the loaded base model {actual!r} needs "
                 f"{want}; the file was made for base model {expected!r}"
             )
-    if not _same_model(expected, actual):
+    if not same_base_model(expected, actual):
         log.warning(
             "%s was made for base model %r but is loaded on %r; shapes fit, results may differ",
             where, expected, actual,

@@ -40,8 +40,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
-from mixofshow.concepts.edlora import base_model_name
-from mixofshow.concepts.lora import LoRALinear
+from mixofshow.models.identity import base_model_name, set_lora_scale  # set_lora_scale: re-exported
 from mixofshow.concepts.tokens import LayerwiseTextEncoder
 from mixofshow.utils.io import atomic_write_bytes, atomic_write_text
 
@@ -166,21 +165,6 @@ def make_scheduler(name: str, base_config) -> Any:
     # Stable Diffusion runs PNDM as PLMS (skip_prk_steps), which also works with very few steps
     overrides = {"skip_prk_steps": True} if cls is PNDMScheduler else {}
     return cls.from_config(base_config, **overrides)
-
-
-def set_lora_scale(pipe, scale: float) -> dict[LoRALinear, float]:
-    """Set the multiplier of every LoRA layer in the UNet and text encoder; returns the old ones.
-
-    A fused model whose LoRA is merged into the weights has no LoRA layers: its scale is applied
-    when it is loaded (``load_adapter(..., lora_scale)``).
-    """
-    previous: dict[LoRALinear, float] = {}
-    for component in (pipe.text_encoder, pipe.unet):
-        for module in component.modules():
-            if isinstance(module, LoRALinear):
-                previous[module] = module.multiplier
-                module.multiplier = float(scale)
-    return previous
 
 
 def slugify(text: str, max_len: int = 48) -> str:

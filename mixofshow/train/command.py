@@ -1,4 +1,4 @@
-"""``mixofshow train CONFIG [--optimizer NAME] [--max-steps N] [--output-dir DIR] [--resume]``."""
+"""``mixofshow train CONFIG [--optimizer NAME] [--max-steps N] [--output-dir DIR] [--resume | --overwrite]``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--optimizer", help="LoRA optimizer name (overrides optimizer.name)")
     p.add_argument("--max-steps", type=int, help="overrides train.max_steps")
     p.add_argument("--output-dir", help="overrides output_dir")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in output_dir from its newest checkpoint (the config must match)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in output_dir (its checkpoints, logs, samples, metrics, concept)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any key, e.g. --set lora.rank=8 (YAML value)")
     p.set_defaults(func=run)
@@ -38,7 +41,9 @@ def run(args: argparse.Namespace) -> int:
     if args.output_dir:
         overrides["output_dir"] = args.output_dir
     config = load_train_config(args.config, overrides)
-    result = train(config, resume=args.resume)
+    result = train(config, resume=args.resume, overwrite=args.overwrite)
+    if result.unchanged:
+        print(f"run already finished ({result.steps} of {config.train.max_steps} steps); nothing changed")
     print(f"concept: {result.concept_path}")
     print(f"run folder: {result.output_dir} (checkpoints, logs, samples, metrics.json)")
     return 0

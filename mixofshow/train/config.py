@@ -39,7 +39,7 @@ class DataConfig:
 class ConceptConfig:
     words: list[str]  # concept words, e.g. ["<potter1>", "<potter2>"]
     class_words: dict[str, str] = field(default_factory=dict)  # word -> class word to copy (else random)
-    init_std: float = 0.013  # std of the random initialisation
+    init_std: float = 0.013  # std of the random initialisation of words without a class word
     freeze_norm: float | None = 0.55  # freeze embeddings once their mean norm reaches this (null: never)
 
 
@@ -78,6 +78,8 @@ class TrainLoopConfig:
     keep_checkpoints: int = 2  # how many recent checkpoints to keep
     log_every: int = 10  # steps between tensorboard scalars
     device: str | None = None  # null: accelerate's choice (CUDA when available)
+    nan_policy: Literal["stop", "skip-step"] = "stop"  # non-finite loss/gradient: stop, or skip that step
+    max_skipped_steps: int = 10  # skip-step: stop once more steps than this were skipped in the run
 
 
 @dataclass

@@ -1,7 +1,12 @@
 """The ED-LoRA training loop.
 
-Reads top to bottom: build (model, data, optimizers), maybe resume, then per step: lr, forward /
-backward over micro-batches, clip, step, zero_grad, freeze check, log, validate, checkpoint.
+Reads top to bottom, as nanoGPT's ``train.py``: claim the run folder (``folder.py``), build the
+run (``build.py``), maybe resume (``state.py``), then per step: the caller's requests (stop,
+checkpoint, validate), the learning rate, forward/backward over the micro-batches
+(``objective.py``), one fused finiteness check that is also the step's only host sync
+(``finite.py``), clip, step, zero_grad, log, validate, checkpoint. At the end: the final
+checkpoint, the concept file, validation samples and ``metrics.json``.
+
 Every random draw of step ``t`` comes from generators seeded with ``(seed, t)``, so a run that
 is stopped and resumed from a checkpoint repeats the straight run exactly.
 """
@@ -11,34 +16,31 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from accelerate import Accelerator
-from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
-from mixofshow.concepts.edlora import EDLoRA, LoRAConfig
 from mixofshow.concepts.io import save_concept
-from mixofshow.data import ConceptDataset, collate, load_concept_list
-from mixofshow.models.loading import load_pipeline
-from mixofshow.optim import get_spec
-from mixofshow.optim.groups import enable_full_grad, lora_param_groups
-from mixofshow.optim.registry import build_optimizer
-from mixofshow.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from mixofshow.train.build import Setup, build_run, make_accelerator, seeded
 from mixofshow.train.config import TrainConfig, check_config
-from mixofshow.train.losses import attention_outside_mask, lr_factor, masked_mse, offset_noise
+from mixofshow.train.finite import NonFiniteError, measure_step
+from mixofshow.train.folder import RunFolder, claim_run_folder, clear_run, flatten_config
+from mixofshow.train.objective import LossOptions, edlora_loss
+from mixofshow.train.state import OptimizerClock, RunState, build_metrics, restore_run, save_run, write_metrics
 from mixofshow.train.validation import run_validation
 from mixofshow.utils.config import ConfigError, to_dict
 from mixofshow.utils.io import atomic_write_text
 
-__all__ = ["TrainProgress", "TrainResult", "train"]
+__all__ = ["REQUESTS", "TrainProgress", "TrainResult", "train"]
 
 log = logging.getLogger(__name__)
+
+REQUESTS = ("stop", "checkpoint", "validate")  # what ``commands`` may ask for before a step
 
 
 @dataclass
@@ -60,178 +62,8 @@ class TrainResult:
     concept_path: Path | None = None
     last_checkpoint: Path | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
-
-
-def _seeded(seed: int, *keys: int) -> torch.Generator:
-    value = seed
-    for k in keys:
-        value = (value * 1_000_003 + k) % (2**63 - 1)
-    return torch.Generator().manual_seed(value)
-
-
-class _Run:
-    """Everything built from a config: models, data, optimizers (on the accelerator's device)."""
-
-    def __init__(self, config: TrainConfig, accelerator: Accelerator) -> None:
-        self.config = config
-        self.accelerator = accelerator
-        self.spec = get_spec(config.optimizer.name)
-        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.train.mixed_precision, torch.float32)
-        pipe = load_pipeline(config.base_model, dtype=weight_dtype, config=config.base_model_config)
-        for module in (pipe.unet, pipe.text_encoder, pipe.vae):
-            module.requires_grad_(False)
-        c, lc = config.concept, config.lora
-        self.model = EDLoRA(
-            pipe,
-            c.words,
-            init={w: c.class_words.get(w) for w in c.words},
-            lora=LoRAConfig(lc.rank, lc.scale, lc.rank_dropout, self.spec.factorization, lc.text_encoder, lc.unet),
-            generator=_seeded(config.seed, 0),
-        )
-        self.pipe = pipe.to(accelerator.device)
-        if config.train.gradient_checkpointing:
-            pipe.unet.enable_gradient_checkpointing()
-            pipe.text_encoder.gradient_checkpointing_enable()
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.dataset = ConceptDataset(
-            load_concept_list(config.data.concept_list),
-            config.data.replace_mapping,
-            config.data.resolution,
-            shuffle_tags=config.data.shuffle_tags,
-            flip_p=config.data.flip_p,
-            use_masks=config.data.use_masks,
-            **({} if config.data.templates else {"templates": None}),
-        )
-        components = {"text_encoder": pipe.text_encoder, "unet": pipe.unet}
-        lrs = {"text_encoder": config.optimizer.lr_text_encoder, "unet": config.optimizer.lr_unet}
-        groups = [g for g in lora_param_groups(components, lrs) if g.get("pairs") or g.get("triples")]
-        if not groups:
-            raise ConfigError("lora: both text_encoder and unet are off; nothing to train with the optimizer")
-        enable_full_grad(components, self.spec.needs_full_grad)
-        optimizer = build_optimizer(self.spec.name, groups, **config.optimizer.params)
-        embedding = self.model.embedding_parameter()
-        emb_optimizer = torch.optim.AdamW(
-            [embedding], lr=config.optimizer.lr_embedding, weight_decay=config.optimizer.weight_decay_embedding
-        )
-        self.optimizer, self.emb_optimizer = accelerator.prepare(optimizer, emb_optimizer)
-        self.base_lrs = [[g["lr"] for g in o.param_groups] for o in (self.optimizer, self.emb_optimizer)]
-        self.embeddings_frozen = False
-
-    # -- trainable state -------------------------------------------------------------------
-    def trainable(self) -> dict[str, torch.nn.Parameter]:
-        params = {"embeddings.new": self.model.embedding_parameter()}
-        for name, layer in self.model.all_layers().items():
-            for pname, p in layer.named_parameters(recurse=False):
-                params[f"{name}.{pname}"] = p
-        return params
-
-    def set_lr(self, step: int) -> float:
-        t = self.config.train
-        factor = lr_factor(step, t.max_steps, t.warmup_steps, t.lr_schedule)
-        for opt, base in zip((self.optimizer, self.emb_optimizer), self.base_lrs):
-            for group, lr in zip(opt.param_groups, base):
-                group["lr"] = lr * factor
-        return self.config.optimizer.lr_unet * factor
-
-    # -- one step ----------------------------------------------------------------------------
-    def micro_batch(self, step: int, micro: int) -> dict[str, Any]:
-        t = self.config.train
-        n = len(self.dataset)
-        indices, generators = [], []
-        for j in range(t.batch_size):
-            k = (step * t.gradient_accumulation_steps + micro) * t.batch_size + j  # sample counter
-            perm = torch.randperm(n, generator=_seeded(self.config.seed, 1, k // n))
-            indices.append(int(perm[k % n]))
-            generators.append(_seeded(self.config.seed, 2, k))
-        return collate([self.dataset.get(i, g) for i, g in zip(indices, generators)])
-
-    def loss(self, batch: dict[str, Any], gen: torch.Generator) -> torch.Tensor:
-        device, pipe, model = self.accelerator.device, self.pipe, self.model
-        vae_dtype = next(pipe.vae.parameters()).dtype
-        with torch.no_grad():
-            pixels = batch["pixel_values"].to(device, vae_dtype)
-            dist = pipe.vae.encode(pixels).latent_dist
-            latents = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(device, dist.mean.dtype)
-            latents = (latents * pipe.vae.config.scaling_factor).float()
-        noise = offset_noise(latents, self.config.train.noise_offset, gen)
-        steps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (latents.shape[0],), generator=gen).to(device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
-        ids = model.encoder.tokenize(batch["prompt"])
-        reg_weight = self.config.train.attention_reg_weight
-        for proc in model.processors:
-            proc.store_attention = reg_weight > 0
-        with self.accelerator.autocast():
-            context = model.encoder.encode_ids(ids)
-            pred = pipe.unet(noisy.to(pipe.unet.dtype), timesteps, context).sample
-        mask = batch["mask"].to(device) if self.config.data.use_masks else None
-        loss = masked_mse(pred, target, mask)
-        if reg_weight > 0:
-            loss = loss + reg_weight * self.attention_reg(ids, batch["mask"].to(device), latents.shape[-2:])
-        return loss
-
-    def attention_reg(self, ids: torch.Tensor, mask: torch.Tensor, latent_hw) -> torch.Tensor:
-        num_base = self.model.text_encoder.get_input_embeddings().num_base
-        per_layer = ids.view(-1, self.model.num_layers, ids.shape[-1]).to(mask.device) >= num_base
-        terms = [
-            attention_outside_mask(proc.last_attention, per_layer[:, proc.index], mask, tuple(latent_hw))
-            for proc in self.model.processors
-        ]
-        for proc in self.model.processors:
-            proc.last_attention = None
-        return torch.stack(terms).mean()
-
-    def maybe_freeze_embeddings(self) -> None:
-        limit = self.config.concept.freeze_norm
-        if limit is not None and not self.embeddings_frozen and float(self.model.concept_mean_norm()) >= limit:
-            self.embeddings_frozen = True
-            self.model.embedding_parameter().requires_grad_(False)
-            log.info("concept embeddings reached mean norm %.3f: frozen", limit)
-
-    # -- checkpoints -------------------------------------------------------------------------
-    def save(self, step: int) -> Path:
-        state = {
-            "optimizer": self.optimizer.state_dict(),
-            "emb_optimizer": self.emb_optimizer.state_dict(),
-            "embeddings_frozen": self.embeddings_frozen,
-            "optimizer_name": self.spec.name,
-            "lr_schedule": {"name": self.config.train.lr_schedule, "max_steps": self.config.train.max_steps,
-                            "warmup_steps": self.config.train.warmup_steps, "next_step": step},
-            "config": to_dict(self.config),
-        }
-        trainable = {k: v.detach() for k, v in self.trainable().items()}
-        folder = Path(self.config.output_dir) / "checkpoints"
-        path = save_checkpoint(folder, step, trainable, state)
-        prune_checkpoints(folder, self.config.train.keep_checkpoints)
-        return path
-
-    def restore(self, path: Path) -> int:
-        ckpt = load_checkpoint(path)
-        saved_name = ckpt.state.get("optimizer_name")
-        if saved_name != self.spec.name:
-            raise ConfigError(
-                f"{path}: checkpoint was trained with optimizer {saved_name!r}, the config asks for "
-                f"{self.spec.name!r}; resume with the same optimizer or start a new output_dir"
-            )
-        params = self.trainable()
-        if set(params) != set(ckpt.trainable):
-            odd = sorted(set(params) ^ set(ckpt.trainable))[0]
-            raise ConfigError(f"{path}: checkpoint does not match the configured model (parameter {odd!r})")
-        with torch.no_grad():
-            for name, p in params.items():
-                saved = ckpt.trainable[name]
-                if saved.shape != p.shape:
-                    raise ConfigError(f"{path}: {name!r} has shape {tuple(saved.shape)}, expected {tuple(p.shape)}")
-                p.copy_(saved)
-        self.optimizer.load_state_dict(ckpt.state["optimizer"])
-        self.emb_optimizer.load_state_dict(ckpt.state["emb_optimizer"])
-        self.embeddings_frozen = bool(ckpt.state["embeddings_frozen"])
-        self.model.embedding_parameter().requires_grad_(not self.embeddings_frozen)
-        return ckpt.step
+    finished: bool = False  # all train.max_steps done and the concept file written
+    unchanged: bool = False  # resume of a run that had already finished: nothing was done
 
 
 def train(
@@ -239,124 +71,221 @@ def train(
     progress: Callable[[TrainProgress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     resume: bool = False,
+    overwrite: bool = False,
+    commands: Callable[[], Iterable[str]] | None = None,
 ) -> TrainResult:
     """Train one ED-LoRA concept as ``config`` says; returns where everything went.
 
     Args:
         progress: called after every step (and at validation / checkpoints) with a TrainProgress.
-        should_stop: polled before every step; when it returns True a checkpoint is written and
-            the call returns with ``stopped=True`` (resume later with ``resume=True``).
-        resume: continue from the newest checkpoint in ``output_dir/checkpoints``.
+        should_stop: polled before every step; True is the request ``"stop"``.
+        resume: continue the run in ``output_dir`` from its newest checkpoint; the config must
+            match the saved one (``configs/README.md``, "Run folders and resuming").
+        overwrite: replace the run in ``output_dir`` (its files are removed once this run is built).
+        commands: polled before every step; returns requests: ``"stop"`` (write a checkpoint and
+            return with ``stopped=True``), ``"checkpoint"`` (write one now and go on),
+            ``"validate"`` (write validation samples now and go on).
+    Raises:
+        ConfigError: a bad config, or a folder holding another run (without resume / overwrite).
+        NonFiniteError: a NaN or inf in the loss, gradients or weights (``train.nan_policy``).
     """
     check_config(config)
-    started = time.perf_counter()
-    out = Path(config.output_dir)
+    _check_nan_keys(config)
+    folder = claim_run_folder(config, resume=resume, overwrite=overwrite)
+    if folder.finished:
+        return _already_finished(folder, config)
+    accelerator = make_accelerator(config)
+    setup = build_run(config, accelerator)
+    clear_run(folder)  # --overwrite: the old run goes only now that the new one is built
+    out = folder.path
     out.mkdir(parents=True, exist_ok=True)
-    t = config.train
-    cpu = t.device == "cpu" or (t.device is None and not torch.cuda.is_available())
-    accelerator = Accelerator(
-        mixed_precision=t.mixed_precision, cpu=cpu, log_with="tensorboard", project_dir=str(out / "logs")
-    )
-    run = _Run(config, accelerator)
     atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
+    state = restore_run(setup, folder.checkpoint) if folder.checkpoint else RunState()
+    if folder.checkpoint:
+        log.info("resumed from %s (step %d)", folder.checkpoint, state.step)
+    state.start_session()
+    accelerator.init_trackers(config.name, config=_hparams(to_dict(config)))
+    try:
+        return _run(setup, state, folder, progress, should_stop, commands)
+    finally:
+        accelerator.end_training()
 
-    start = 0
-    ckpt = latest_checkpoint(out / "checkpoints") if resume else None
-    if resume and ckpt is None:
-        log.warning("--resume: no checkpoint in %s; starting from step 0", out / "checkpoints")
-    if ckpt is not None:
-        start = run.restore(ckpt)
-        log.info("resumed from %s (step %d)", ckpt, start)
-    accelerator.init_trackers(config.name, config=_flat_hparams(to_dict(config)))
 
-    def report(step, loss, lr, phase="train", path=None):
+def _run(setup: Setup, state: RunState, folder: RunFolder, progress, should_stop, commands) -> TrainResult:
+    config, accelerator, model = setup.config, setup.accelerator, setup.model
+    t, out = config.train, folder.path
+    started = time.perf_counter()
+    result = TrainResult(output_dir=out, steps=state.step, stopped=False, last_checkpoint=folder.checkpoint)
+    options = LossOptions(accelerator.device, config.data.use_masks, t.noise_offset, t.attention_reg_weight)
+    groups = setup.check_groups()
+    params = [p for group in groups.values() for p in group]
+    check_grads = accelerator.scaler is None  # fp16: gradient overflows are the grad scaler's to skip
+    clock = OptimizerClock(accelerator.device)
+    lr = setup.set_lr(state.step)
+
+    def report(phase: str, path: Path | None = None) -> None:
         if progress is not None:
-            progress(TrainProgress(step, t.max_steps, loss, lr, time.perf_counter() - started, phase, path))
+            loss = next((x for x in reversed(state.losses) if x is not None), None)
+            progress(TrainProgress(state.step, t.max_steps, loss, lr, time.perf_counter() - started, phase,
+                                   None if path is None else str(path)))
 
-    result = TrainResult(output_dir=out, steps=start, stopped=False, last_checkpoint=ckpt)
-    params = list(run.trainable().values())
-    bar = tqdm(total=t.max_steps, initial=start, desc=f"train {config.name}", disable=not accelerator.is_main_process)
-    losses: list[float] = []
-    unet, text_encoder = run.pipe.unet, run.pipe.text_encoder
-    unet.train(), text_encoder.train()
-    for step in range(start, t.max_steps):
-        if should_stop is not None and should_stop():
-            result.last_checkpoint, result.stopped = run.save(step), True
-            report(step, losses[-1] if losses else None, run.set_lr(step), "stopped", str(result.last_checkpoint))
+    def checkpoint() -> Path:
+        clock.collect(state, wait=True)
+        result.last_checkpoint = save_run(setup, state)
+        write_metrics(out, build_metrics(setup, state, stopped=False, concept_path=None))
+        return result.last_checkpoint
+
+    bar = tqdm(total=t.max_steps, initial=state.step, desc=f"train {config.name}",
+               disable=not accelerator.is_main_process)
+    setup.pipe.unet.train(), setup.pipe.text_encoder.train()
+    for step in range(state.step, t.max_steps):
+        # 1. the caller's requests, between steps
+        wanted = _requests(commands, should_stop)
+        if "validate" in wanted:
+            report("validate", run_validation(model, config, step, accelerator.device))
+        if "checkpoint" in wanted or "stop" in wanted:
+            report("checkpoint", checkpoint())
+        if "stop" in wanted:
+            result.stopped = True
+            report("stopped", result.last_checkpoint)
             break
-        lr = run.set_lr(step)
-        torch.manual_seed(_seeded(config.seed, 3, step).initial_seed())  # rank dropout draws
-        total = 0.0
+        # 2. learning rate; rank dropout draws from the global RNG, seeded per step
+        tick = time.perf_counter()
+        lr = setup.set_lr(step)
+        torch.manual_seed(seeded(config.seed, 3, step).initial_seed())
+        # 3. forward / backward over the micro-batches
+        loss_sum, term_sums = torch.zeros((), device=accelerator.device), {}
         for micro in range(t.gradient_accumulation_steps):
-            batch = run.micro_batch(step, micro)
-            loss = run.loss(batch, _seeded(config.seed, 4, step, micro)) / t.gradient_accumulation_steps
-            accelerator.backward(loss)
-            total += loss.detach()
-        if t.max_grad_norm is not None:
-            accelerator.clip_grad_norm_([p for p in params if p.grad is not None], t.max_grad_norm)
-        run.optimizer.step()
-        if not run.embeddings_frozen:
-            run.emb_optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
-        run.emb_optimizer.zero_grad(set_to_none=True)
-        run.maybe_freeze_embeddings()
-        loss_value = float(total)  # one host sync per step, for logging
-        losses.append(loss_value)
-        done = step + 1
-        result.steps = done
+            batch = setup.micro_batch(step, micro)
+            gen = seeded(config.seed, 4, step, micro)
+            loss, terms = edlora_loss(model, setup.noise_scheduler, batch, gen, options, accelerator.autocast())
+            accelerator.backward(loss / t.gradient_accumulation_steps)
+            loss_sum = loss_sum + loss.detach() / t.gradient_accumulation_steps
+            for name, term in terms.items():
+                term_sums[name] = term_sums.get(name, 0.0) + term.detach() / t.gradient_accumulation_steps
+        # 4. one check of loss terms, gradients and weights: the step's only host sync
+        health = measure_step(loss_sum, term_sums, groups, check_grads, {"norm": model.concept_mean_norm()})
+        clock.collect(state)
+        problem = health.problem()
+        if problem is not None:
+            _skip_or_stop(setup, state, result, step, problem, weights=health.weights_problem() is not None)
+        else:
+            # 5. freeze the embeddings once their mean norm reaches concept.freeze_norm (Mix-of-Show)
+            limit = config.concept.freeze_norm
+            if limit is not None and not state.embeddings_frozen and health.extra["norm"] >= limit:
+                state.embeddings_frozen = True
+                setup.freeze_embeddings()
+                log.info("concept embeddings reached mean norm %.3f: frozen", limit)
+            # 6. clip, step, zero_grad
+            if t.max_grad_norm is not None:
+                accelerator.clip_grad_norm_([p for p in params if p.grad is not None], t.max_grad_norm)
+            with clock.time(state):
+                setup.optimizer.step()
+            if not state.embeddings_frozen:
+                setup.emb_optimizer.step()
+        setup.optimizer.zero_grad(set_to_none=True)
+        setup.emb_optimizer.zero_grad(set_to_none=True)
+        # 7. bookkeeping, logs, validation, checkpoints
+        state.step = done = step + 1
+        state.losses.append(None if problem else health.loss)
+        state.timed_steps += 1
+        state.step_seconds += time.perf_counter() - tick
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-        if t.log_every and done % t.log_every == 0:
-            accelerator.log({"loss": loss_value, "lr": lr, "embedding_norm": float(run.model.concept_mean_norm())}, step=done)
-        report(done, loss_value, lr)
-        v = config.validation
-        if v.every > 0 and done % v.every == 0 and done < t.max_steps:
-            folder = run_validation(run.model, config, done, accelerator.device)
-            report(done, loss_value, lr, "validate", str(folder))
+        if problem is None:
+            bar.set_postfix(loss=f"{health.loss:.4f}", lr=f"{lr:.2e}")
+            if t.log_every and done % t.log_every == 0:
+                accelerator.log({"loss": health.loss, "lr": lr, "embedding_norm": health.extra["norm"]}, step=done)
+        report("train")
+        if config.validation.every > 0 and done % config.validation.every == 0 and done < t.max_steps:
+            report("validate", run_validation(model, config, done, accelerator.device))
         if t.checkpoint_every and done % t.checkpoint_every == 0 and done < t.max_steps:
-            result.last_checkpoint = run.save(done)
-            report(done, loss_value, lr, "checkpoint", str(result.last_checkpoint))
+            report("checkpoint", checkpoint())
     bar.close()
 
     if not result.stopped:
-        result.last_checkpoint = run.save(result.steps)
-        result.concept_path = out / f"{config.name}.safetensors"
-        meta = run.model.meta(
-            class_words={w: config.concept.class_words.get(w) for w in config.concept.words},
-            optimizer=run.spec.name,
-            steps=result.steps,
-            replace_mapping=dict(config.data.replace_mapping),
-            extra={"seed": config.seed, "rank_dropout": config.lora.rank_dropout,
-                   "optimizer_params": config.optimizer.params},
-        )
-        save_concept(result.concept_path, run.model.to_concept_file(meta))
+        checkpoint()
+        result.concept_path = _save_concept(setup, state)
         if config.validation.every >= 0:
-            run_validation(run.model, config, result.steps, accelerator.device)
-        report(result.steps, losses[-1] if losses else None, 0.0, "done", str(result.concept_path))
-    result.metrics = {
-        "name": config.name,
-        "optimizer": run.spec.name,
-        "steps": result.steps,
-        "stopped": result.stopped,
-        "seconds": round(time.perf_counter() - started, 3),
-        "final_loss": losses[-1] if losses else None,
-        "mean_loss_last_10": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
-        "embeddings_frozen": run.embeddings_frozen,
-        "concept_path": str(result.concept_path) if result.concept_path else None,
-    }
-    atomic_write_text(out / "metrics.json", json.dumps(result.metrics, indent=2))
-    accelerator.end_training()
+            run_validation(model, config, state.step, accelerator.device)
+        report("done", result.concept_path)
+    state.update(accelerator.device)
+    result.steps = state.step
+    result.metrics = build_metrics(setup, state, stopped=result.stopped, concept_path=result.concept_path)
+    result.finished = bool(result.metrics["finished"])
+    write_metrics(out, result.metrics)
     return result
 
 
-def _flat_hparams(tree: dict, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flat_hparams(value, name + "."))
-        elif isinstance(value, (int, float, str, bool)):
-            flat[name] = value
-        else:
-            flat[name] = str(value)
-    return flat
+def _requests(commands, should_stop) -> set[str]:
+    wanted = set()
+    if commands is not None:
+        for request in commands() or ():
+            if request not in REQUESTS:
+                raise ValueError(f"Unknown training request {request!r}; expected one of {list(REQUESTS)}")
+            wanted.add(request)
+    if should_stop is not None and should_stop():
+        wanted.add("stop")
+    return wanted
+
+
+def _skip_or_stop(setup: Setup, state: RunState, result: TrainResult, step: int, problem: str, weights: bool) -> None:
+    """``train.nan_policy``: skip this step's update (return) or stop the run (raise)."""
+    t = setup.config.train
+    where = f"step {step + 1}: {problem}"
+    if not weights and t.nan_policy == "skip-step" and state.skipped_steps < t.max_skipped_steps:
+        state.skipped_steps += 1
+        log.warning("%s; update skipped (train.nan_policy: skip-step, %d of at most %d)",
+                    where, state.skipped_steps, t.max_skipped_steps)
+        return
+    if weights:
+        why = "non-finite weights cannot be skipped"
+    elif t.nan_policy == "skip-step":
+        why = f"{state.skipped_steps} steps skipped already (train.max_skipped_steps: {t.max_skipped_steps})"
+    else:
+        why = "train.nan_policy: stop"
+    kept = result.last_checkpoint or "none was written yet"
+    message = (
+        f"{where}; training stopped ({why}). The last finite checkpoint is kept ({kept}); no concept "
+        "file was written. Lower the learning rate (optimizer.lr_*), or set train.nan_policy: "
+        "skip-step to skip single bad steps"
+    )
+    state.update(setup.accelerator.device)
+    write_metrics(Path(setup.config.output_dir),
+                  build_metrics(setup, state, stopped=False, concept_path=None, error=message))
+    raise NonFiniteError(message, step + 1)
+
+
+def _save_concept(setup: Setup, state: RunState) -> Path:
+    config = setup.config
+    path = Path(config.output_dir) / f"{config.name}.safetensors"
+    meta = setup.model.meta(
+        class_words={w: config.concept.class_words.get(w) for w in config.concept.words},
+        optimizer=setup.spec.name,
+        steps=state.step,
+        replace_mapping=dict(config.data.replace_mapping),
+        extra={"seed": config.seed, "rank_dropout": config.lora.rank_dropout,
+               "optimizer_params": config.optimizer.params},
+    )
+    save_concept(path, setup.model.to_concept_file(meta))
+    return path
+
+
+def _already_finished(folder: RunFolder, config: TrainConfig) -> TrainResult:
+    metrics = json.loads((folder.path / "metrics.json").read_text())
+    log.warning("--resume: the run in %s already finished (%d of %d steps); nothing to do (raise "
+                "train.max_steps to extend it)", folder.path, folder.saved_step, config.train.max_steps)
+    concept = metrics.get("concept_path")
+    return TrainResult(output_dir=folder.path, steps=folder.saved_step, stopped=False,
+                       concept_path=Path(concept) if concept else None, last_checkpoint=folder.checkpoint,
+                       metrics=metrics, finished=True, unchanged=True)
+
+
+def _check_nan_keys(config: TrainConfig) -> None:
+    value = config.train.max_skipped_steps
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"train.max_skipped_steps: expected an integer >= 0, got {value!r}")
+
+
+def _hparams(tree: dict) -> dict[str, Any]:
+    """The config as tensorboard hyper-parameters (scalars; anything else as its string)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten_config(tree).items()}

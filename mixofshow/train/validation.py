@@ -9,6 +9,7 @@ import torch
 
 from mixofshow.concepts.edlora import EDLoRA
 from mixofshow.data import load_prompt_list
+from mixofshow.models.identity import sampling_state
 from mixofshow.train.config import TrainConfig
 
 __all__ = ["validation_prompts", "run_validation"]
@@ -34,9 +35,7 @@ def run_validation(model: EDLoRA, config: TrainConfig, step: int, device) -> Pat
         return None
     v = config.validation
     folder = Path(config.output_dir) / "samples" / f"step_{step:06d}"
-    was_training = (model.unet.training, model.text_encoder.training)
-    model.unet.eval(), model.text_encoder.eval()
-    try:
+    with sampling_state(model.pipe):  # eval mode; train modes and LoRA scales restored after
         for scale in v.lora_scales:
             sample_cfg = SampleConfig(
                 prompts=prompts,
@@ -49,8 +48,5 @@ def run_validation(model: EDLoRA, config: TrainConfig, step: int, device) -> Pat
                 output_dir=str(folder / f"scale_{scale:g}"),
             )
             generate(model.pipe, model.encoder, sample_cfg, progress=False)
-    finally:
-        model.set_lora_multiplier(1.0)
-        model.unet.train(was_training[0]), model.text_encoder.train(was_training[1])
     log.info("validation samples of step %d in %s", step, folder)
     return folder
