@@ -1,4 +1,4 @@
-"""The LoRA-S horizontal lift (``mixofshow/optim/lift.py``): the facts of shared/optimizers.md §5.
+"""The LoRA-S horizontal lift (``mixofshow/optim/lift.py``): the facts of docs/optimizers.md (LoRA-S).
 
 Float64 throughout for the identities; damping 0 (only the tiny absolute floor) where they must be
 exact, since the relative damping ``damping * tr(S) / r`` is not gauge-invariant.

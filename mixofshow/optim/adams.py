@@ -26,14 +26,12 @@ from typing import Any
 
 import torch
 
-from mixofshow.optim.base import check_beta, check_positive
+from mixofshow.optim.base import LoRAOptimizer, check_betas, check_lr, check_no_weight_decay, check_positive
 from mixofshow.optim.batching import compute_dtype, concat_call
 from mixofshow.optim.bucketed import (
-    BucketedLoRAOptimizer,
     DirectionBatch,
     adam_directions_,
     apply_,
-    get_full_grad,
     grad_or_zeros,
     next_steps,
     state_tensor,
@@ -124,7 +122,7 @@ def adams_reference(a, b, ga, gb, state, *, lr, beta1, beta2, eps, damping, full
 # ----------------------------------------------------------------------------- the optimizers
 
 
-class AdamS(BucketedLoRAOptimizer):
+class AdamS(LoRAOptimizer):
     """AdamS (LoRA-S): Adam factor directions, lifted horizontally through the Sylvester equation.
 
     Args:
@@ -147,17 +145,12 @@ class AdamS(BucketedLoRAOptimizer):
         damping: float = 1e-6,
         weight_decay: float = 0.0,
     ) -> None:
-        check_positive("lr", lr)
-        check_beta("beta1", betas[0])
-        check_beta("beta2", betas[1])
+        check_lr(lr)
+        betas = check_betas(betas)
         check_positive("eps", eps)
         check_positive("damping", damping)
-        if weight_decay != 0.0:
-            raise ValueError(
-                f"Invalid weight_decay: {weight_decay} (LoRA-S optimizers take no weight decay; "
-                "the Sylvester matrix K of the horizontal lift replaces it)"
-            )
-        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "damping": damping}
+        check_no_weight_decay(weight_decay)
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "damping": damping}
         super().__init__(groups, defaults)
 
     def _step_buckets(self, buckets: list[tuple[dict[str, Any], list[tuple[torch.Tensor, ...]]]]) -> None:
@@ -214,7 +207,7 @@ class AdamS(BucketedLoRAOptimizer):
         a0, b0 = pairs[0]
         sdt, dev = compute_dtype(a0.dtype), a0.device
         shape = (b0.shape[0], a0.shape[1])
-        grads = [get_full_grad(type(self).__name__, a, shape).to(sdt) for a in a_list]
+        grads = [self._full_grad(f, shape).to(sdt) for f in pairs]
         m = [state_tensor(s, "exp_avg", shape, sdt, dev) for s in states]
         v = [state_tensor(s, "exp_avg_sq", shape, sdt, dev) for s in states]
         next_steps(states)
@@ -238,7 +231,7 @@ SPECS = [
         paper="Zheng & Wu, ICLR 2026 (LoRA-S, AdamS)",
         memory="2(m+n)r (Adam moments on A, B)",
         reconstructed=True,
-        defaults={"betas": (0.9, 0.999), "eps": 1e-8, "damping": 1e-6},
+        recommended_lr={"unet": 1e-4, "text_encoder": 1e-5},
     ),
     OptimizerSpec(
         name="adams-full",
@@ -246,6 +239,6 @@ SPECS = [
         paper="Zheng & Wu, ICLR 2026 (LoRA-S, AdamS on the full gradient)",
         memory="2mn (Adam moments on the full gradient G)",
         reconstructed=True,
-        defaults={"betas": (0.9, 0.999), "eps": 1e-8, "damping": 1e-6},
+        recommended_lr={"unet": 1e-4, "text_encoder": 1e-5},
     ),
 ]

@@ -16,13 +16,13 @@ Mix-of-Show defaults: betas (0.9, 0.999), weight decay 0.01; lr 1e-5 (text encod
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch.optim.adamw import adamw as _torch_adamw
 
-from mixofshow.optim.base import LoRAOptimizer, check_beta, check_positive
+from mixofshow.optim.base import LoRAOptimizer, check_betas, check_lr, check_positive
 from mixofshow.optim.registry import OptimizerSpec
 
 __all__ = [
@@ -147,11 +147,8 @@ def adamw_reference(
 
 def check_adamw_hparams(lr: float, betas: Sequence[float], eps: float, weight_decay: float) -> None:
     """``ValueError`` for an invalid learning rate, beta, epsilon or weight decay."""
-    check_positive("learning rate", lr)
-    if len(betas) != 2:
-        raise ValueError(f"Invalid betas: {betas} (expected two values)")
-    check_beta("beta1", betas[0])
-    check_beta("beta2", betas[1])
+    check_lr(lr)
+    check_betas(betas)
     check_positive("eps", eps)
     check_positive("weight_decay", weight_decay)
 
@@ -185,19 +182,18 @@ class AdamW(LoRAOptimizer):
             raise TypeError(f"{type(self).__name__} got unexpected arguments {sorted(extra)}")
         return {}
 
-    def _lr_split(self, group: dict[str, Any]) -> list[tuple[float, list[torch.Tensor]]]:
-        """(lr multiplier, tensors) pairs of a group; AdamW treats every factor alike."""
-        return [(1.0, group["params"])]
+    def _lr_split(self, group: dict[str, Any], pairs: list[tuple[torch.Tensor, ...]]) -> list[tuple[float, list[torch.Tensor]]]:
+        """(lr multiplier, tensors) of a group's pairs; AdamW treats every factor alike."""
+        return [(1.0, [t for f in pairs for t in f])]
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
+    def _step_buckets(self, buckets: list[tuple[dict[str, Any], list[tuple[torch.Tensor, ...]]]]) -> None:
+        # element-wise: the shape buckets do not matter, one fused call per group and lr
+        by_group: dict[int, tuple[dict[str, Any], list[tuple[torch.Tensor, ...]]]] = {}
+        for group, pairs in buckets:
+            by_group.setdefault(id(group), (group, []))[1].extend(pairs)
+        for group, pairs in by_group.values():
             beta1, beta2 = group["betas"]
-            for multiplier, tensors in self._lr_split(group):
+            for multiplier, tensors in self._lr_split(group, pairs):
                 for (fused, *_), lists in self._gather(group, tensors).items():
                     adamw_update(
                         *lists,
@@ -208,11 +204,11 @@ class AdamW(LoRAOptimizer):
                         weight_decay=group["weight_decay"],
                         fused=fused,
                     )
-        return loss
 
     def _gather(
         self, group: dict[str, Any], tensors: Sequence[torch.Tensor]
     ) -> dict[tuple, tuple[list[torch.Tensor], ...]]:
+        # per tensor, as torch.optim.AdamW: a factor without a gradient is left alone
         with_grad = [p for p in tensors if p.grad is not None]
         return adam_lists(self.state, with_grad, [p.grad for p in with_grad], group["fused"])
 
@@ -250,6 +246,6 @@ SPECS = [
         paper="Loshchilov & Hutter, ICLR 2019 (Mix-of-Show baseline)",
         memory="2(m+n)r (Adam moments on A and B)",
         reconstructed=False,
-        defaults={"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2},
+        recommended_lr={"unet": 1e-4, "text_encoder": 1e-5},
     )
 ]

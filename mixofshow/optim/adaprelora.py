@@ -27,12 +27,10 @@ from typing import Any
 
 import torch
 
-from mixofshow.optim.base import check_beta, check_positive
+from mixofshow.optim.base import HyperParameterError, LoRAOptimizer, check_beta, check_lr, check_positive
 from mixofshow.optim.batching import compute_dtype
 from mixofshow.optim.bucketed import (
-    BucketedLoRAOptimizer,
     apply_,
-    get_full_grad,
     grad_or_zeros,
     next_steps,
     per_pair,
@@ -125,7 +123,7 @@ def adaprelora_update(
     apply_(b_list, db, -lr / scale**2)
 
 
-class AdaPreLoRA(BucketedLoRAOptimizer):
+class AdaPreLoRA(LoRAOptimizer):
     """AdaPreLoRA: Adafactor's Kronecker-diagonal preconditioner mapped to the factors in closed form.
 
     Args:
@@ -151,11 +149,11 @@ class AdaPreLoRA(BucketedLoRAOptimizer):
         damping: float = 1e-6,
         weight_decay: float = 0.0,
     ) -> None:
-        check_positive("lr", lr)
+        check_lr(lr)
         check_beta("beta1", beta1)
         check_positive("eps", eps, allow_zero=False)
-        if not decay_rate < 0.0:
-            raise ValueError(f"Invalid decay_rate: {decay_rate}")
+        if isinstance(decay_rate, bool) or not isinstance(decay_rate, (int, float)) or not decay_rate < 0.0:
+            raise HyperParameterError("decay_rate", f"Invalid decay_rate: {decay_rate} (expected < 0)")
         check_positive("damping", damping)
         check_positive("weight_decay", weight_decay)
         defaults = {
@@ -171,7 +169,7 @@ class AdaPreLoRA(BucketedLoRAOptimizer):
         a0, b0 = pairs[0]
         m, n = b0.shape[0], a0.shape[1]
         sdt, dev = compute_dtype(a0.dtype), a0.device
-        grads = [get_full_grad(type(self).__name__, a, (m, n)) for a in a_list]
+        grads = [self._full_grad(f, (m, n)) for f in pairs]
         ga = [grad_or_zeros(a, sdt) for a in a_list]
         gb = [grad_or_zeros(b, sdt) for b in b_list]
         row = [state_tensor(s, "row", (m,), sdt, dev) for s in states]
@@ -191,6 +189,6 @@ SPECS = [
         paper="Liu, Bian & Cai, arXiv 2605.08734 (AdaPreLoRA)",
         memory="(m+n)(r+1) (row/column energies of G, momentum on A, B)",
         reconstructed=True,
-        defaults={"beta1": 0.9, "eps": 1e-30, "decay_rate": -0.8, "damping": 1e-6},
+        recommended_lr={"unet": 1e-4, "text_encoder": 1e-5},
     ),
 ]

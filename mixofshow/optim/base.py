@@ -1,29 +1,137 @@
-"""Common base of the LoRA optimizers: param groups made of LoRA pairs (or StelLA triples).
+"""The one skeleton of every LoRA optimizer: param groups of LoRA pairs (or StelLA triples), the
+step driver, the step counters, "has a gradient", the full-gradient accessor and the shared
+hyper-parameter validators. ``docs/optimizers.md`` ("How to add an optimizer") shows its use.
 
 A group is given as ``{"pairs": [(A, B), ...], "scale": s, "lr": ..., ...}`` with ``A`` r x n
 (lora_down) and ``B`` m x r (lora_up); StelLA takes ``{"triples": [(U, S, V), ...]}``. Internally
 the factors are stored flat in ``group["params"]`` (A0, B0, A1, B1, ...), so torch's own
 ``state_dict()``/``load_state_dict()`` work unchanged, and the pairs are read back from that
 order. Per-pair state lives under the pair's first tensor.
+
+``step()`` collects, in every group, the factor tuples that have a gradient (:meth:`has_grad`),
+groups them into shape buckets and hands the list of ``(group, tuples)`` buckets to
+``_step_buckets``, which by default calls ``_step_bucket(group, tuples)`` on each; optimizers that
+batch across buckets and groups override ``_step_buckets``.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
 import torch
 
-__all__ = ["LoRAOptimizer", "bucket_by_shape", "check_positive", "check_beta"]
+from mixofshow.optim.batching import keep_saved_state_dtypes
+
+__all__ = [
+    "HyperParameterError",
+    "LoRAOptimizer",
+    "bucket_by_shape",
+    "check_beta",
+    "check_betas",
+    "check_choice",
+    "check_lr",
+    "check_no_weight_decay",
+    "check_positive",
+    "step_counters",
+]
+
+
+# ----------------------------------------------------------------------------- validators
+
+
+class HyperParameterError(ValueError):
+    """A bad hyper-parameter: ``key`` is the name it is set by (``optimizer.params.<key>``), the
+    message is torch/timm style (``Invalid beta1: 1.5``)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def check_lr(lr: float) -> None:
+    """``ValueError`` (``Invalid learning rate: ...``) unless ``lr >= 0``."""
+    if not _is_number(lr) or lr < 0:
+        raise HyperParameterError("lr", f"Invalid learning rate: {lr}")
+
+
+def check_positive(name: str, value: float, allow_zero: bool = True) -> None:
+    """``ValueError`` for a non-number, a negative (or, when not allowed, zero) hyper-parameter."""
+    if not _is_number(value) or value < 0 or (value == 0 and not allow_zero):
+        raise HyperParameterError(name, f"Invalid {name}: {value}")
+
+
+def check_beta(name: str, value: float) -> None:
+    """``ValueError`` unless ``0 <= value < 1``."""
+    if not _is_number(value) or not 0.0 <= value < 1.0:
+        raise HyperParameterError(name, f"Invalid {name}: {value}")
+
+
+def check_betas(betas: Sequence[float]) -> tuple[float, float]:
+    """Validate Adam's ``(beta1, beta2)``; returns them as a tuple."""
+    if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence) or len(betas) != 2:
+        raise HyperParameterError("betas", f"Invalid betas: {betas!r} (expected two numbers, e.g. [0.9, 0.999])")
+    for i, beta in enumerate(betas, 1):
+        if not _is_number(beta) or not 0.0 <= beta < 1.0:
+            raise HyperParameterError("betas", f"Invalid beta{i}: {beta}")
+    return float(betas[0]), float(betas[1])
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    """``ValueError`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise HyperParameterError(name, f"Invalid {name}: {value!r} (expected one of {', '.join(map(repr, choices))})")
+
+
+def check_no_weight_decay(weight_decay: float) -> None:
+    """The LoRA-S optimizers take no weight decay: the Sylvester matrix of the lift replaces it."""
+    if weight_decay != 0.0:
+        raise HyperParameterError(
+            "weight_decay",
+            f"Invalid weight_decay: {weight_decay} (LoRA-S optimizers take no weight decay; "
+            "the Sylvester matrix K of the horizontal lift replaces it)",
+        )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+
+def bucket_by_shape(tensors: Sequence[Sequence[torch.Tensor]]) -> dict[tuple, list[int]]:
+    """Indices of factor tuples grouped by (shapes, dtype, device), for batched linear algebra."""
+    buckets: dict[tuple, list[int]] = defaultdict(list)
+    for i, f in enumerate(tensors):
+        key = (tuple(tuple(t.shape) for t in f), f[0].dtype, f[0].device)
+        buckets[key].append(i)
+    return dict(buckets)
+
+
+def step_counters(states: list[dict]) -> list[torch.Tensor]:
+    """The step counters of these per-pair states: the one counter type of every optimizer here,
+    a float32 scalar tensor on the CPU (as ``torch.optim.Adam`` keeps it: reading it never syncs),
+    created at 0. They are incremented in place, so a ``state_dict()`` is a view of the running
+    state and ``load_state_dict`` copies. (Only torch's fused AdamW kernel on an accelerator keeps
+    its counters on the device, see ``adamw.adam_state``.)"""
+    for st in states:
+        if "step" not in st:
+            st["step"] = torch.tensor(0.0)
+    return [st["step"] for st in states]
+
+
+# ----------------------------------------------------------------------------- the driver
 
 
 class LoRAOptimizer(torch.optim.Optimizer):
-    """Base class: validates and flattens factor groups; subclasses implement ``step``.
+    """Base class: validates and flattens factor groups, drives ``step()`` over shape buckets.
 
     Class attributes:
         group_key: ``"pairs"`` or ``"triples"``.
-        needs_full_grad: the optimizer reads ``A.full_grad`` (the m x n ``dL/dW``) written by
+        needs_full_grad: the optimizer reads the full m x n gradient ``dL/dW`` of every pair
+            (through :meth:`full_grad` only), recorded by
             :class:`mixofshow.concepts.lora.LoRALinear` when ``record_full_grad`` is on.
     """
 
@@ -75,6 +183,51 @@ class LoRAOptimizer(torch.optim.Optimizer):
         k = 2 if self.group_key == "pairs" else 3
         return [tuple(params[i : i + k]) for i in range(0, len(params), k)]
 
+    # -- the full gradient: read only here, so what stands behind it can change ------------
+    def full_grad(self, f: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        """The full gradient ``dL/dW`` (m x n) of factor tuple ``f``, or ``None``."""
+        return getattr(f[0], "full_grad", None)
+
+    def _full_grad(self, f: Sequence[torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+        """:meth:`full_grad`, with a clear error when the LoRA layer did not record it."""
+        g = self.full_grad(f)
+        if g is None:
+            raise RuntimeError(
+                f"{type(self).__name__} needs the full weight gradient dL/dW of every LoRA layer, but the "
+                f"pair with A of shape {tuple(f[0].shape)} has none: set `record_full_grad = True` on its "
+                "LoRALinear layer before the forward pass (the optimizer's needs_full_grad is True)"
+            )
+        if tuple(g.shape) != tuple(shape):
+            raise RuntimeError(f"{type(self).__name__}: full_grad has shape {tuple(g.shape)}, expected {shape}")
+        return g
+
+    def has_grad(self, f: Sequence[torch.Tensor]) -> bool:
+        """The one definition of "this pair takes a step": a factor has a gradient or the pair
+        has a full gradient. Missing factor gradients then count as zeros."""
+        return any(t.grad is not None for t in f) or (self.needs_full_grad and self.full_grad(f) is not None)
+
+    # -- the driver -------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        buckets = []
+        for group in self.param_groups:
+            tuples = [f for f in self.factor_tuples(group) if self.has_grad(f)]
+            buckets += [(group, [tuples[i] for i in idx]) for idx in bucket_by_shape(tuples).values()]
+        if buckets:
+            self._step_buckets(buckets)
+        return loss
+
+    def _step_buckets(self, buckets: list[tuple[dict[str, Any], list[tuple[torch.Tensor, ...]]]]) -> None:
+        for group, tuples in buckets:
+            self._step_bucket(group, tuples)
+
+    def _step_bucket(self, group: dict[str, Any], tuples: list[tuple[torch.Tensor, ...]]) -> None:
+        raise NotImplementedError
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
         for group in self.param_groups:
@@ -83,23 +236,12 @@ class LoRAOptimizer(torch.optim.Optimizer):
                 if not set_to_none and f[0].full_grad is not None:
                     f[0].full_grad.zero_()
 
-
-def bucket_by_shape(tensors: Sequence[Sequence[torch.Tensor]]) -> dict[tuple, list[int]]:
-    """Indices of factor tuples grouped by (shapes, dtype, device), for batched linear algebra."""
-    buckets: dict[tuple, list[int]] = defaultdict(list)
-    for i, f in enumerate(tensors):
-        key = (tuple(tuple(t.shape) for t in f), f[0].dtype, f[0].device)
-        buckets[key].append(i)
-    return dict(buckets)
-
-
-def check_positive(name: str, value: float, allow_zero: bool = True) -> None:
-    """Raise ``ValueError`` for a negative (or zero, when not allowed) hyper-parameter."""
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"Invalid {name}: {value}")
-
-
-def check_beta(name: str, value: float) -> None:
-    """Raise ``ValueError`` unless ``0 <= value < 1``."""
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"Invalid {name}: {value}")
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        keep_saved_state_dtypes(self, state_dict)  # fp32 statistics of bf16/fp16 factors stay fp32
+        for st in self.state.values():
+            for key, value in st.items():
+                if key == "step":  # the CPU counter of step_counters
+                    st[key] = torch.as_tensor(value, dtype=torch.float32).detach().to("cpu").clone()
+                elif isinstance(value, torch.Tensor):  # own copies: updates must not reach the dict
+                    st[key] = value.clone()

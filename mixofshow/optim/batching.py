@@ -59,15 +59,19 @@ def triangular_inverse(r: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(safe, eye, upper=True)
 
 
-def inverse_sqrt(v: torch.Tensor, eps: float) -> torch.Tensor:
-    """``U diag(1 / (sqrt(max(lambda, 0)) + eps)) U^T`` for a batch of symmetric matrices.
+def inverse_sqrt(v: torch.Tensor, eps: float, shift: torch.Tensor | None = None) -> torch.Tensor:
+    """``U diag(1 / (sqrt(max(lambda, 0) + shift) + eps)) U^T`` for a batch of symmetric matrices.
 
-    ``tiny I`` is added first: cuSOLVER has failed on all-zero matrices (pytorch#94772), which a
-    zero-initialised B produces at step 1. Note that on CUDA ``eigh`` synchronises with the host.
+    ``shift`` (one value per matrix, default 0) is LoRA-RITE's escape mass. ``tiny I`` is added
+    first: cuSOLVER has failed on all-zero matrices (pytorch#94772), which a zero-initialised B
+    produces at step 1. Note that on CUDA ``eigh`` synchronises with the host.
     """
     eye = torch.eye(v.shape[-1], dtype=v.dtype, device=v.device)
     lam, u = torch.linalg.eigh(v + tiny(v.dtype) * eye)
-    return (u * (1.0 / (lam.clamp_min(0.0).sqrt() + eps)).unsqueeze(-2)) @ u.mT
+    lam = lam.clamp_min(0.0)
+    if shift is not None:
+        lam = lam + shift[..., None]
+    return (u * (1.0 / (lam.sqrt() + eps)).unsqueeze(-2)) @ u.mT
 
 
 def stack(tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:

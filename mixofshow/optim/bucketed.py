@@ -1,11 +1,6 @@
-"""The machinery shared by the Adam-based matrix optimizers (``adams``, ``lracs``, ``adaprelora``,
-``stella``): a step driver over shape buckets, Adam directions computed by torch's fused kernel,
-and small helpers for per-pair state.
-
-:class:`BucketedLoRAOptimizer` collects, at each step, the shape buckets of every group's factor
-tuples that received a gradient and hands them to ``_step_buckets`` (default: ``_step_bucket`` on
-each), so an optimizer can batch across buckets and groups. Per-pair state lives under the pair's
-first tensor; step counters are CPU tensors, as in ``torch.optim.Adam``.
+"""Helpers shared by the batched matrix optimizers (``adams``, ``lracs``, ``adaprelora``,
+``stella``): the one Adam-direction core (torch's fused AdamW kernel run on zero tensors), and
+small helpers for per-pair state. The step driver itself is :class:`mixofshow.optim.base.LoRAOptimizer`.
 """
 
 from __future__ import annotations
@@ -16,22 +11,17 @@ from typing import Any
 
 import torch
 
-from mixofshow.optim.base import LoRAOptimizer, bucket_by_shape
-from mixofshow.optim.batching import keep_saved_state_dtypes
+from mixofshow.optim.base import step_counters
 
 __all__ = [
-    "BucketedLoRAOptimizer",
     "DirectionBatch",
-    "active_tuples",
     "adam_directions",
     "adam_directions_",
     "apply_",
-    "get_full_grad",
     "grad_or_zeros",
     "next_steps",
     "per_pair",
     "state_tensor",
-    "step_counters",
 ]
 
 
@@ -116,31 +106,9 @@ def per_pair(values: Sequence[float], like: torch.Tensor, ndim: int) -> float | 
     return torch.tensor(values, dtype=like.dtype, device=like.device).reshape(-1, *([1] * (ndim - 1)))
 
 
-def active_tuples(opt: LoRAOptimizer, group: dict[str, Any]) -> list[tuple[torch.Tensor, ...]]:
-    """The group's factor tuples that received a gradient (factor grads or a recorded full grad)."""
-    return [
-        f
-        for f in opt.factor_tuples(group)
-        if any(t.grad is not None for t in f) or getattr(f[0], "full_grad", None) is not None
-    ]
-
-
 def grad_or_zeros(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.grad`` in ``dtype``; zeros when ``t`` has none (its partner in the pair has one)."""
     return torch.zeros_like(t, dtype=dtype) if t.grad is None else t.grad.to(dtype)
-
-
-def get_full_grad(opt_name: str, a: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """``a.full_grad`` (m x n); a clear error when the LoRA layer did not record it."""
-    g = getattr(a, "full_grad", None)
-    if g is None:
-        raise RuntimeError(
-            f"{opt_name} needs the full weight gradient dL/dW of every LoRA layer, but the pair with "
-            f"A of shape {tuple(a.shape)} has none: set `record_full_grad = True` on its LoRALinear "
-            f"layer before the forward pass (the optimizer's needs_full_grad is True)"
-        )
-    if tuple(g.shape) != shape:
-        raise RuntimeError(f"{opt_name}: full_grad has shape {tuple(g.shape)}, expected {shape}")
-    return g
 
 
 def state_tensor(state: dict, key: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
@@ -160,16 +128,6 @@ def state_tensor(state: dict, key: str, shape: tuple[int, ...], dtype: torch.dty
     return t
 
 
-def step_counters(states: list[dict]) -> list[torch.Tensor]:
-    """The per-pair step counters (CPU float32 scalars, as torch.optim.Adam keeps them), created
-    at 0; they are incremented in place, so a ``state_dict()`` is a view of the running state and
-    ``load_state_dict`` copies."""
-    for st in states:
-        if "step" not in st:
-            st["step"] = torch.tensor(0.0)
-    return [st["step"] for st in states]
-
-
 def next_steps(states: list[dict]) -> list[int]:
     """Increment the per-pair step counters (:func:`step_counters`); return their new values."""
     counters = step_counters(states)
@@ -180,40 +138,3 @@ def next_steps(states: list[dict]) -> list[int]:
 def apply_(params: list[torch.Tensor], update: torch.Tensor, alpha: float) -> None:
     """``params[i] += alpha * update[i]`` with the update cast to the parameters' dtype."""
     torch._foreach_add_(params, list(update.to(params[0].dtype).unbind(0)), alpha=alpha)
-
-
-class BucketedLoRAOptimizer(LoRAOptimizer):
-    """Shared driver: ``step()`` collects the shape buckets of the factor tuples that got a gradient
-    in every group and hands them to ``_step_buckets``, which by default calls
-    ``_step_bucket(group, tuples)`` on each (optimizers that batch across buckets override it);
-    ``load_state_dict`` keeps saved dtypes."""
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        buckets = []
-        for group in self.param_groups:
-            tuples = active_tuples(self, group)
-            buckets += [(group, [tuples[i] for i in idx]) for idx in bucket_by_shape(tuples).values()]
-        self._step_buckets(buckets)
-        return loss
-
-    def _step_buckets(self, buckets: list[tuple[dict[str, Any], list[tuple[torch.Tensor, ...]]]]) -> None:
-        for group, tuples in buckets:
-            self._step_bucket(group, tuples)
-
-    def _step_bucket(self, group: dict[str, Any], tuples: list[tuple[torch.Tensor, ...]]) -> None:
-        raise NotImplementedError
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        keep_saved_state_dtypes(self, state_dict)  # fp32 statistics of bf16/fp16 factors stay fp32
-        for st in self.state.values():
-            for key, value in st.items():
-                if key == "step":  # a CPU counter, as in torch.optim.Adam: reading it never syncs
-                    st[key] = torch.as_tensor(value, dtype=torch.float32).detach().to("cpu").clone()
-                elif isinstance(value, torch.Tensor):  # own copies: updates must not reach the dict
-                    st[key] = value.clone()

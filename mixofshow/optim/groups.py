@@ -33,7 +33,9 @@ def lora_param_groups(
             takes it from the layers.
         group_options: extra keys copied into every group (per-group hyper-parameters).
     Returns:
-        ``[{"pairs" | "triples": [...], "lr": lr, "scale": s, "name": component}, ...]``; a
+        ``[{"pairs" | "triples": [...], "lr": lr, "scale": s, "name": component}, ...]``, plus
+        ``"hidden_size"`` (the text encoder's ``config.hidden_size``, which StelLA's gradient
+        scaling uses) for ``usv`` groups when ``components`` has a text encoder; a
         component whose layers use several scales gives one group per scale, one without
         trainable LoRA layers (LoRA off) gives none.
     Raises:
@@ -41,6 +43,7 @@ def lora_param_groups(
             ``factorization`` (or from each other).
     """
     groups: list[dict[str, Any]] = []
+    hidden_size = getattr(getattr(components.get("text_encoder"), "config", None), "hidden_size", None)
     for name, module in components.items():
         layers = [layer for _, layer in lora_layers(module) if _trainable(layer)]
         if not layers:  # LoRA off for this component (none injected, or frozen)
@@ -56,7 +59,10 @@ def lora_param_groups(
             by_scale.setdefault(layer.scale, []).append(layer)
         for scale, same_scale in by_scale.items():
             entries = _factor_entries(same_scale)
-            groups.append({**group_options, **entries, "lr": lrs[name], "scale": scale, "name": name})
+            group = {**group_options, **entries, "lr": lrs[name], "scale": scale, "name": name}
+            if "triples" in entries and isinstance(hidden_size, int):
+                group.setdefault("hidden_size", hidden_size)
+            groups.append(group)
     return groups
 
 

@@ -19,6 +19,14 @@ with bias correction folded into the decays, ``b^_t = b (1 - b^(t-1)) / (1 - b^t
 Everything is equivariant under ``(B, A) -> (B R, R^-1 A)``: with ``wd = 0`` and clipping and
 skipping off, the sequence of ``W = s B A`` does not depend on the gauge ``R``.
 
+Options of the reference (both off by default there and here):
+
+- ``update_capping = c > 0``: the step uses ``M / max(1, RMS(M) / c)`` (per factor; the stored
+  first moment stays uncapped).
+- ``apply_escape``: the second-moment mass lost by the basis transport is kept as a scalar per
+  factor, ``E <- b2^ (E + min(max_i(lam_i(V_prev) - lam_i(T V_prev T^T))_+, (tr V_prev - tr T V_prev T^T)_+))``
+  (eigenvalues in ascending order), and the preconditioner becomes ``1 / (sqrt(lambda + E) + eps)``.
+
 Implementation notes: the factors are handled as rows ``X`` in {A, B^T} (r-major, so every
 batched product is a fast ``r x r @ r x k`` one); rows of equal shape form one block (A and B^T
 rows together when m == n), each block gets one QR and a few products, and the r x r algebra of a
@@ -26,31 +34,40 @@ whole group (triangular inverses, the eigh of every ``V``) runs as one batched c
 clipping are folded into r x r factors. The state is stored r-major (``q_a = Q_A^T``,
 ``m_a = M_A^T``, ...) and in float32 for fp16/bf16 factors. ``R^-1`` is a triangular inverse whose
 negligible pivots are floored (the reference uses ``pinv``), which maps a zero B to a zero
-unmagnified gradient. Skipping and clipping are tensor masks (no branching on values), so the only
-host sync on CUDA is the one ``torch.linalg.eigh`` makes (one call per group and step). Not
-implemented: the reference's optional ``update_capping``, ``apply_escape`` and ``balance_param``
-(all off by default there).
+unmagnified gradient; eigenvalues of ``V`` are floored at 0 before the square root (the reference
+turns the NaN of a rounding-negative one into a zero update). Skipping and clipping are tensor
+masks (no branching on values), so the only host sync on CUDA is the one ``torch.linalg.eigh``
+makes. Not implemented: the reference's ``balance_param`` and ``relative_epsilon`` (off by
+default there; its ``relative_epsilon`` path does not run as published). Math and tests:
+``docs/optimizers.md``.
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
 
-from mixofshow.optim.base import LoRAOptimizer, bucket_by_shape, check_beta, check_positive
+from mixofshow.optim.base import (
+    HyperParameterError,
+    LoRAOptimizer,
+    check_betas,
+    check_lr,
+    check_positive,
+    step_counters,
+)
 from mixofshow.optim.batching import (
-    active_pairs,
     compute_dtype,
     inverse_sqrt,
-    keep_saved_state_dtypes,
     stack,
     sym,
+    tiny,
     triangular_inverse,
 )
+from mixofshow.optim.bucketed import grad_or_zeros
 from mixofshow.optim.registry import OptimizerSpec
 
 __all__ = [
@@ -134,8 +151,11 @@ def rite_apply(
     eps: float,
     weight_decay: float,
     grad_scale: torch.Tensor | None,
-) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
-    """Steps 3-6, batched: returns the new factors and second / first moments (r-major).
+    update_capping: float = 0.0,
+    escape_prev: torch.Tensor | None = None,
+) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+    """Steps 3-6, batched: returns the new factors, second / first moments (r-major) and the
+    escape masses (``None`` unless ``escape_prev``, the (N,) previous ones, is given).
 
     Skipping and clipping scale ``u`` by ``c``; they are folded into the r x r matrices
     (``c^2`` into the Gram, ``c`` into ``V^-1/2``), so no pass over ``u`` is needed.
@@ -145,20 +165,40 @@ def rite_apply(
         c = grad_scale.expand_as(prep.sq_norm) if c is None else c * grad_scale
     gram = prep.gram if c is None else prep.gram * (c * c)[:, None, None]
     t = prep.partner_transport
-    v = sym(beta2_hat * (t @ v_prev @ t.mT) + (1.0 - beta2_hat) * gram)
+    v_moved = sym(t @ v_prev @ t.mT)
+    escape = None
+    if escape_prev is not None:
+        escape = beta2_hat * (escape_prev + escape_mass(v_prev, v_moved))
+    v = sym(beta2_hat * v_moved + (1.0 - beta2_hat) * gram)
     scale = (1.0 - beta1_hat) if c is None else ((1.0 - beta1_hat) * c)[:, None, None]
-    precond = inverse_sqrt(v, eps) * scale
+    precond = inverse_sqrt(v, eps, escape) * scale
     t_first = beta1_hat * t
     new_xs, new_ms, offset = [], [], 0
     for x, u, m in zip(xs, prep.u, m_prev):
         rows = slice(offset, offset + len(x))
-        # M^T <- b1 T M^T + (1 - b1) S^T;  X <- X (1 - lr wd) - lr R_partner^-1 M^T
+        # M^T <- b1 T M^T + (1 - b1) S^T;  X <- X (1 - lr wd) - lr R_partner^-1 cap(M)^T
         m = torch.baddbmm(torch.bmm(precond[rows], u), t_first[rows], m)
-        x = torch.baddbmm(x, prep.partner_rinv[rows], m, beta=1.0 - lr * weight_decay, alpha=-lr)
+        step = m
+        if update_capping > 0:  # M / max(1, RMS(M) / cap), per factor
+            rms = (m.square().sum((-2, -1)) / m[0].numel()).sqrt()
+            step = m / (rms / update_capping).clamp_min(1.0)[:, None, None]
+        x = torch.baddbmm(x, prep.partner_rinv[rows], step, beta=1.0 - lr * weight_decay, alpha=-lr)
         new_ms.append(m)
         new_xs.append(x)
         offset += len(x)
-    return new_xs, v, new_ms
+    return new_xs, v, new_ms, escape
+
+
+def escape_mass(v_prev: torch.Tensor, v_moved: torch.Tensor) -> torch.Tensor:
+    """The second-moment mass the basis transport lost, per matrix (the reference's
+    ``get_unmagnified_rotate_second_escape``): ``min(max_i(lam_i(V) - lam_i(T V T^T))_+,
+    (tr V - tr T V T^T)_+)`` with both spectra in ascending order."""
+    eye = tiny(v_prev.dtype) * torch.eye(v_prev.shape[-1], dtype=v_prev.dtype, device=v_prev.device)
+    lam_old = torch.linalg.eigvalsh(v_prev + eye)
+    lam_new = torch.linalg.eigvalsh(v_moved + eye)
+    eig_gap = (lam_old - lam_new).amax(-1).clamp_min(0.0)
+    trace = lambda x: x.diagonal(dim1=-2, dim2=-1).sum(-1)  # noqa: E731
+    return torch.minimum(eig_gap, (trace(v_prev) - trace(v_moved)).clamp_min(0.0))
 
 
 def unmagnified_reference(
@@ -226,9 +266,13 @@ class LoRARite(LoRAOptimizer):
         eps: added to ``sqrt(lambda)`` of the second moments.
         weight_decay: decoupled, ``X -= lr wd X``.
         clip_threshold: clip the norm of all unmagnified gradients (of every group) to this
-            value; 0 turns it off (reference default 1).
+            value; 0 turns it off (reference ``clip_unmagnified_grad``, default 1).
         skip_threshold: zero a factor's unmagnified gradient whose RMS exceeds this value;
-            0 turns it off (reference default 1).
+            0 turns it off (reference ``update_skipping``, default 1).
+        update_capping: cap the RMS of each factor's step (its first moment) at this value;
+            0 turns it off (reference default 0).
+        apply_escape: add the second-moment mass lost by the basis transport to the
+            preconditioner's eigenvalues (reference default off).
     """
 
     def __init__(
@@ -240,50 +284,39 @@ class LoRARite(LoRAOptimizer):
         weight_decay: float = 0.0,
         clip_threshold: float = 1.0,
         skip_threshold: float = 1.0,
+        update_capping: float = 0.0,
+        apply_escape: bool = False,
     ) -> None:
-        check_positive("learning rate", lr)
-        if len(betas) != 2:
-            raise ValueError(f"Invalid betas: {betas} (expected two values)")
-        check_beta("beta1", betas[0])
-        check_beta("beta2", betas[1])
-        check_positive("eps", eps)
-        check_positive("weight_decay", weight_decay)
-        check_positive("clip_threshold", clip_threshold)
-        check_positive("skip_threshold", skip_threshold)
+        check_lr(lr)
+        betas = check_betas(betas)
+        for name, value in (("eps", eps), ("weight_decay", weight_decay), ("clip_threshold", clip_threshold),
+                            ("skip_threshold", skip_threshold), ("update_capping", update_capping)):  # fmt: skip
+            check_positive(name, value)
+        if not isinstance(apply_escape, bool):
+            raise HyperParameterError("apply_escape", f"Invalid apply_escape: {apply_escape!r} (expected true or false)")
         defaults = dict(
-            lr=lr,
-            betas=tuple(betas),
-            eps=eps,
-            weight_decay=weight_decay,
-            clip_threshold=clip_threshold,
-            skip_threshold=skip_threshold,
-        )
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, clip_threshold=clip_threshold,
+            skip_threshold=skip_threshold, update_capping=update_capping, apply_escape=apply_escape,
+        )  # fmt: skip
         super().__init__(params, defaults)
         # id(first view) -> (stacked tensor, its row views) of the state written by the last step
         self._written: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        keep_saved_state_dtypes(self, state_dict)  # the float32 state of bf16 factors stays float32
         self._written = {}
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _step_buckets(self, buckets: list[tuple[dict[str, Any], list[tuple[torch.Tensor, ...]]]]) -> None:
         # 1. unmagnified gradients of every batch (all groups first: clipping uses their norm)
         work = []
-        for group in self.param_groups:
-            for batch in self._batches(group):
-                xs = [stack(block.factors(), batch.dtype) for block in batch.blocks]
-                gs = [stack(block.grads(), batch.dtype) for block in batch.blocks]
-                q_prev = [self._read(batch, block.states, "q_", x) for block, x in zip(batch.blocks, xs)]
-                prep = rite_prepare(xs, gs, q_prev, batch.partner_ranges, group["skip_threshold"])
-                work.append((group, batch, xs, prep))
+        for group, batch in self._batches(buckets):
+            xs = [stack(block.factors(), batch.dtype) for block in batch.blocks]
+            gs = [stack(block.grads(batch.dtype), batch.dtype) for block in batch.blocks]
+            q_prev = [self._read(batch, block.states, "q_", x) for block, x in zip(batch.blocks, xs)]
+            prep = rite_prepare(xs, gs, q_prev, batch.partner_ranges, group["skip_threshold"])
+            work.append((group, batch, xs, prep))
         norm = None
-        if work and any(group["clip_threshold"] > 0 for group in self.param_groups):
+        if any(group["clip_threshold"] > 0 for group, *_ in work):
             sq = [prep.sq_norm.sum().to(work[0][3].sq_norm) for *_, prep in work]
             norm = torch.stack(sq).sum().sqrt()
         # 2.-6. transport, moments, preconditioning and the step
@@ -295,7 +328,10 @@ class LoRARite(LoRAOptimizer):
             states = [st for block in batch.blocks for st in block.states]
             t = batch.step + 1
             beta1, beta2 = group["betas"]
-            new_xs, v, new_ms = rite_apply(
+            escape_prev = None
+            if group["apply_escape"]:
+                escape_prev = self._read(batch, states, "escape_", prep.sq_norm)
+            new_xs, v, new_ms, escape = rite_apply(
                 xs,
                 prep,
                 self._read(batch, states, "v_", prep.gram),
@@ -306,16 +342,19 @@ class LoRARite(LoRAOptimizer):
                 eps=group["eps"],
                 weight_decay=group["weight_decay"],
                 grad_scale=grad_scale,
+                update_capping=group["update_capping"],
+                escape_prev=escape_prev,
             )
             for block, x_new, q, m in zip(batch.blocks, new_xs, prep.q, new_ms):
                 torch._foreach_copy_(block.factors(), x_new.unbind(0))
                 _write(block.states, "q_", q, written)
                 _write(block.states, "m_", m, written)
             _write(states, "v_", v, written)
-            for st, _ in states:
-                st["step"] = t
+            if escape is not None:
+                _write(states, "escape_", escape, written)
+            pair_states = list({id(st): st for st, _ in states}.values())
+            torch._foreach_add_(step_counters(pair_states), 1.0)
         self._written = written
-        return loss
 
     def _read(
         self, batch: _Batch, states: list[_RowState], prefix: str, like: torch.Tensor
@@ -331,25 +370,25 @@ class LoRARite(LoRAOptimizer):
                 return cached[0]
         return stack(current, like.dtype)
 
-    def _batches(self, group: dict[str, Any]) -> list[_Batch]:
-        """The group's pairs with a gradient, batched by (rank, compute dtype, device, step).
+    def _batches(self, buckets: list[tuple[dict[str, Any], list[tuple[torch.Tensor, ...]]]]) -> list[tuple[dict, _Batch]]:
+        """The driver's shape buckets, batched per group by (rank, compute dtype, device, step).
 
         Inside a batch, pairs of one shape form blocks: A and B^T rows share one block when
         m == n (one QR, one product for both sides), else A rows and B^T rows are two blocks.
         """
-        pairs = active_pairs(self.factor_tuples(group))
-        buckets: dict[tuple, list[tuple[torch.Tensor, torch.Tensor, dict]]] = {}
-        for key, idx in bucket_by_shape(pairs).items():
-            for i in idx:
-                a, b = pairs[i]
+        batches: dict[tuple, tuple[dict, _Batch]] = {}
+        for group, pairs in buckets:
+            by_step: dict[int, list[tuple[torch.Tensor, torch.Tensor, dict]]] = {}
+            for a, b in pairs:
                 st = self.state[a]
-                buckets.setdefault((key, st.get("step", 0)), []).append((a, b, st))
-        batches: dict[tuple, _Batch] = {}
-        for ((shapes, dtype, device), step), bucket in buckets.items():
-            (r, n), (m, _) = shapes
-            cdt = compute_dtype(dtype)
-            batch = batches.setdefault((r, cdt, device, step), _Batch(cdt, step))
-            batch.add(bucket, square=m == n)
+                step = int(step_counters([st])[0])
+                by_step.setdefault(step, []).append((a, b, st))
+            (a0, b0) = pairs[0]
+            cdt = compute_dtype(a0.dtype)
+            for step, bucket in by_step.items():
+                key = (id(group), a0.shape[0], cdt, a0.device, step)
+                _, batch = batches.setdefault(key, (group, _Batch(cdt, step)))
+                batch.add(bucket, square=b0.shape[0] == a0.shape[1])
         return list(batches.values())
 
 
@@ -385,8 +424,10 @@ class _Block:
     def factors(self) -> list[torch.Tensor]:
         return [p.mT if t else p for p, t in zip(self.params, self.transposed)]
 
-    def grads(self) -> list[torch.Tensor]:
-        return [p.grad.mT if t else p.grad for p, t in zip(self.params, self.transposed)]
+    def grads(self, dtype: torch.dtype) -> list[torch.Tensor]:
+        """The rows' gradients (zeros for a factor without one while its partner has one)."""
+        gs = [grad_or_zeros(p, dtype) for p in self.params]
+        return [g.mT if t else g for g, t in zip(gs, self.transposed)]
 
 
 @dataclass
@@ -416,12 +457,6 @@ SPECS = [
         paper="Yen et al., ICLR 2025",
         memory="2(m+n)r + 2r^2 (first moments, bases, r x r second moments)",
         reconstructed=False,
-        defaults={
-            "betas": (0.9, 0.999),
-            "eps": 1e-6,
-            "weight_decay": 0.0,
-            "clip_threshold": 1.0,
-            "skip_threshold": 1.0,
-        },
+        recommended_lr={"unet": 1e-4, "text_encoder": 1e-5},
     )
 ]

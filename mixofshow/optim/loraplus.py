@@ -54,12 +54,11 @@ class LoRAPlus(AdamW):
     def _extra_defaults(self, *, ratio: float) -> dict[str, Any]:
         return {"ratio": ratio}
 
-    def _lr_split(self, group: dict[str, Any]) -> list[tuple[float, list[torch.Tensor]]]:
+    def _lr_split(self, group: dict[str, Any], pairs: list[tuple[torch.Tensor, ...]]) -> list[tuple[float, list[torch.Tensor]]]:
         ratio = group["ratio"]
         if ratio == 1.0:  # one kernel call, exactly AdamW
-            return [(1.0, group["params"])]
-        params = group["params"]  # flat A0, B0, A1, B1, ...
-        return [(1.0, params[0::2]), (ratio, params[1::2])]
+            return [(1.0, [t for f in pairs for t in f])]
+        return [(1.0, [a for a, _ in pairs]), (ratio, [b for _, b in pairs])]
 
 
 SPECS = [
@@ -69,6 +68,6 @@ SPECS = [
         paper="Hayou, Ghosh & Yu, ICML 2024",
         memory="2(m+n)r (Adam moments on A and B)",
         reconstructed=False,
-        defaults={"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2, "ratio": 16.0},
+        recommended_lr={"unet": 1e-4, "text_encoder": 1e-5},  # lr_A; lr_B = ratio * lr_A
     )
 ]

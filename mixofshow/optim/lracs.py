@@ -24,12 +24,10 @@ from typing import Any
 
 import torch
 
-from mixofshow.optim.base import check_beta, check_positive
+from mixofshow.optim.base import HyperParameterError, LoRAOptimizer, check_beta, check_lr, check_no_weight_decay, check_positive
 from mixofshow.optim.batching import compute_dtype
 from mixofshow.optim.bucketed import (
-    BucketedLoRAOptimizer,
     apply_,
-    get_full_grad,
     next_steps,
     per_pair,
     state_tensor,
@@ -110,7 +108,7 @@ def lracs_reference(a, b, g, state, *, lr, beta, alpha, gamma, eps, damping):
     return a + lr * ad, b + lr * bd
 
 
-class LRACS(BucketedLoRAOptimizer):
+class LRACS(LoRAOptimizer):
     """LRACS (LoRA-S): RACS row/column-scaled full-gradient direction, lifted to the factors.
 
     Args:
@@ -138,18 +136,15 @@ class LRACS(BucketedLoRAOptimizer):
         damping: float = 1e-6,
         weight_decay: float = 0.0,
     ) -> None:
-        check_positive("lr", lr)
+        check_lr(lr)
         check_beta("beta", beta)
         check_positive("alpha", alpha, allow_zero=False)
+        check_positive("gamma", gamma)
         if not gamma >= 1.0:
-            raise ValueError(f"Invalid gamma: {gamma}")
+            raise HyperParameterError("gamma", f"Invalid gamma: {gamma} (expected >= 1)")
         check_positive("eps", eps)
         check_positive("damping", damping)
-        if weight_decay != 0.0:
-            raise ValueError(
-                f"Invalid weight_decay: {weight_decay} (LoRA-S optimizers take no weight decay; "
-                "the Sylvester matrix K of the horizontal lift replaces it)"
-            )
+        check_no_weight_decay(weight_decay)
         defaults = {"lr": lr, "beta": beta, "alpha": alpha, "gamma": gamma, "eps": eps, "damping": damping}
         super().__init__(groups, defaults)
 
@@ -160,7 +155,7 @@ class LRACS(BucketedLoRAOptimizer):
         a0, b0 = pairs[0]
         m, n = b0.shape[0], a0.shape[1]
         sdt, dev = compute_dtype(a0.dtype), a0.device
-        grads = [get_full_grad(type(self).__name__, a, (m, n)) for a in a_list]
+        grads = [self._full_grad(f, (m, n)) for f in pairs]
         row = [state_tensor(s, "row", (m,), sdt, dev) for s in states]
         col = [state_tensor(s, "col", (n,), sdt, dev) for s in states]
         phi = [state_tensor(s, "phi", (1,), sdt, dev) for s in states]
@@ -176,6 +171,6 @@ SPECS = [
         paper="Zheng & Wu, ICLR 2026 (LoRA-S, LRACS)",
         memory="m + n + 1 (row/column scales and the limiter norm)",
         reconstructed=True,
-        defaults={"beta": 0.9, "alpha": 0.05, "gamma": 1.01, "eps": 1e-8, "damping": 1e-6},
+        recommended_lr={"unet": 2e-3, "text_encoder": 2e-4},
     ),
 ]

@@ -1,19 +1,22 @@
 """The optimizer registry: name -> class, with a one-line description and defaults.
 
 Each optimizer module declares ``SPECS = [OptimizerSpec(...), ...]``; this file only collects them,
-so adding an optimizer means adding its module name to ``_MODULES``.
+so adding an optimizer means adding its module name to ``_MODULES`` (``docs/optimizers.md``, "How
+to add an optimizer"). Defaults live in one place, the class signature: ``OptimizerSpec.defaults``
+reads them from there.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
 import torch
 
-__all__ = ["OptimizerSpec", "OPTIMIZERS", "SPECS", "get_spec", "build_optimizer", "describe"]
+__all__ = ["OptimizerSpec", "OPTIMIZERS", "SPECS", "build_optimizer", "check_hparams", "describe", "get_spec"]
 
 
 @dataclass(frozen=True)
@@ -26,8 +29,11 @@ class OptimizerSpec:
         paper: short citation, e.g. ``"Zhang & Pilanci, ICML 2024"``.
         memory: what its state keeps, e.g. ``"2(m+n)r (Adam moments on A, B)"``.
         reconstructed: True when no public code exists and the update was rebuilt from the paper.
-        defaults: hyper-parameters passed to ``cls`` unless overridden.
         factorization: the LoRA layer form it needs: ``"ab"`` or ``"usv"`` (StelLA).
+        recommended_lr: the learning rates the docs recommend, keys ``"unet"`` and
+            ``"text_encoder"`` (``docs/optimizers.md`` says where each comes from).
+        defaults (property): the hyper-parameters and their defaults, read from ``cls``'s
+            signature (every keyword argument but the groups and ``lr``, which groups set).
     """
 
     name: str
@@ -35,11 +41,18 @@ class OptimizerSpec:
     paper: str
     memory: str
     reconstructed: bool = False
-    defaults: Mapping[str, Any] = field(default_factory=dict)
     factorization: str = "ab"
+    recommended_lr: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
+        object.__setattr__(self, "recommended_lr", MappingProxyType(dict(self.recommended_lr)))
+
+    @property
+    def defaults(self) -> Mapping[str, Any]:
+        params = list(inspect.signature(self.cls.__init__).parameters.values())[2:]  # self, groups
+        return MappingProxyType(
+            {p.name: p.default for p in params if p.default is not inspect.Parameter.empty and p.name != "lr"}
+        )
 
     @property
     def needs_full_grad(self) -> bool:
@@ -84,13 +97,45 @@ def get_spec(name: str) -> OptimizerSpec:
 
 
 def build_optimizer(name: str, groups: list[dict[str, Any]], **hparams: Any) -> torch.optim.Optimizer:
-    """Instantiate optimizer ``name`` on LoRA groups, registry defaults overridden by ``hparams``."""
+    """Instantiate optimizer ``name`` on LoRA groups, the class defaults overridden by ``hparams``."""
     spec = get_spec(name)
-    kwargs = {**spec.defaults, **hparams}
+    _check_keys(spec, hparams)
     try:
-        return spec.cls(groups, **kwargs)
+        return spec.cls(groups, **hparams)
     except TypeError as err:
         raise ValueError(f"Bad hyper-parameters for optimizer {name!r}: {err}") from None
+
+
+def check_hparams(name: str, params: Mapping[str, Any]) -> None:
+    """Validate hyper-parameters of optimizer ``name`` without any model.
+
+    Raises ``ValueError`` whose message starts with the offending key, e.g.
+    ``"betas: Invalid beta1: 1.5"`` or ``"foo: unknown hyper-parameter of optimizer 'adamw'; ..."``.
+    (The validation is the class's own, run on a one-pair probe group.)
+    """
+    from mixofshow.optim.base import HyperParameterError
+
+    spec = get_spec(name)
+    _check_keys(spec, params)
+    if spec.factorization == "usv":
+        probe = {"triples": [(torch.eye(2, 1), torch.zeros(1, 1), torch.eye(2, 1))]}
+    else:
+        probe = {"pairs": [(torch.zeros(1, 2), torch.zeros(2, 1))]}
+    try:
+        spec.cls([probe], **params)
+    except HyperParameterError as err:
+        raise ValueError(f"{err.key}: {err}") from None
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{', '.join(params) or 'params'}: {err}") from None
+
+
+def _check_keys(spec: OptimizerSpec, params: Mapping[str, Any]) -> None:
+    known = {"lr", *spec.defaults}
+    for key in params:
+        if key not in known:
+            raise ValueError(
+                f"{key}: unknown hyper-parameter of optimizer {spec.name!r}; expected one of: {', '.join(sorted(known))}"
+            )
 
 
 def describe() -> list[str]:

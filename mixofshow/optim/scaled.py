@@ -28,14 +28,15 @@ Differences from the reference code, all deliberate:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from mixofshow.optim.adamw import adam_lists, adamw_update, check_adamw_hparams
-from mixofshow.optim.base import LoRAOptimizer, bucket_by_shape, check_positive
-from mixofshow.optim.batching import active_pairs, compute_dtype, stack, tiny
+from mixofshow.optim.base import LoRAOptimizer, check_lr, check_positive
+from mixofshow.optim.batching import compute_dtype, stack, tiny
+from mixofshow.optim.bucketed import grad_or_zeros
 from mixofshow.optim.registry import OptimizerSpec
 
 __all__ = [
@@ -122,7 +123,7 @@ class ScaledGD(LoRAOptimizer):
         weight_decay: float = 0.0,
         **extra: Any,
     ) -> None:
-        check_positive("learning rate", lr)
+        check_lr(lr)
         check_positive("reg", reg)
         check_positive("weight_decay", weight_decay)
         defaults = dict(lr=lr, reg=reg, weight_decay=weight_decay)
@@ -134,39 +135,33 @@ class ScaledGD(LoRAOptimizer):
             raise TypeError(f"{type(self).__name__} got unexpected arguments {sorted(extra)}")
         return {}
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params, grads = self._preconditioned(group)
+    def _step_buckets(self, buckets: list[tuple[dict[str, Any], list[tuple[torch.Tensor, ...]]]]) -> None:
+        by_group: dict[int, tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]] = {}
+        for group, pairs in buckets:
+            _, params, grads = by_group.setdefault(id(group), (group, [], []))
+            self._precondition_bucket(group, pairs, params, grads)
+        for group, params, grads in by_group.values():
             self._update(group, params, grads)
-        return loss
 
-    def _preconditioned(self, group: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The group's factors and their preconditioned gradients (in the factors' dtype)."""
-        pairs = active_pairs(self.factor_tuples(group))
-        params: list[torch.Tensor] = []
-        grads: list[torch.Tensor] = []
-        for idx in bucket_by_shape(pairs).values():
-            a_list = [pairs[i][0] for i in idx]
-            b_list = [pairs[i][1] for i in idx]
-            dtype = a_list[0].dtype
-            cdt = compute_dtype(dtype)
-            ga, gbt = precondition(
-                stack(a_list, cdt),
-                stack(b_list, cdt).mT.contiguous(),
-                stack([a.grad for a in a_list], cdt),
-                stack([b.grad for b in b_list], cdt).mT.contiguous(),
-                group["scale"],
-                group["reg"],
-            )
-            params += a_list + b_list
-            grads += ga.to(dtype).unbind(0)
-            grads += gbt.mT.to(dtype).contiguous().unbind(0)
-        return params, grads
+    def _precondition_bucket(
+        self, group: dict[str, Any], pairs: list[tuple[torch.Tensor, ...]], params: list, grads: list
+    ) -> None:
+        """Append the bucket's factors and their preconditioned gradients (in the factors' dtype)."""
+        a_list = [a for a, _ in pairs]
+        b_list = [b for _, b in pairs]
+        dtype = a_list[0].dtype
+        cdt = compute_dtype(dtype)
+        ga, gbt = precondition(
+            stack(a_list, cdt),
+            stack(b_list, cdt).mT.contiguous(),
+            torch.stack([grad_or_zeros(a, cdt) for a in a_list]),
+            torch.stack([grad_or_zeros(b, cdt) for b in b_list]).mT.contiguous(),
+            group["scale"],
+            group["reg"],
+        )
+        params += a_list + b_list
+        grads += ga.to(dtype).unbind(0)
+        grads += gbt.mT.to(dtype).contiguous().unbind(0)
 
     def _update(
         self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]
@@ -224,7 +219,7 @@ SPECS = [
         paper="Zhang & Pilanci, ICML 2024",
         memory="none",
         reconstructed=False,
-        defaults={"reg": 1e-6, "weight_decay": 0.0},
+        recommended_lr={"unet": 1e-4, "text_encoder": 1e-5},
     ),
     OptimizerSpec(
         name="scaled_adamw",
@@ -232,6 +227,6 @@ SPECS = [
         paper="Zhang & Pilanci, ICML 2024",
         memory="2(m+n)r (Adam moments on the preconditioned gradients)",
         reconstructed=False,
-        defaults={"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2, "reg": 1e-6},
+        recommended_lr={"unet": 1e-4, "text_encoder": 1e-5},
     ),
 ]

@@ -2,43 +2,62 @@
 
 Paper: "StelLA: Subspace Learning in Low-rank Adaptation using Stiefel Manifold", Zhizhong Li,
 Sina Sajadmanesh, Jingtao Li, Lingjuan Lyu, 2025, https://arxiv.org/abs/2510.01938.
-Reference code: https://github.com/SonyResearch/stella (PEFT tuner with pre/post optimizer-step
-hooks around a Euclidean optimizer); this is an independent optimizer-side implementation.
+Reference code: https://github.com/SonyResearch/stella (``stella/tuner/stiefel.py`` and the pre/post
+optimizer-step hooks of ``stella/tuner/model.py`` around a Euclidean optimizer). This is an
+independent optimizer-side implementation of the same rule, with the authors' defaults.
 
-Triples ``(U m x r, S r x r, V n x r)``, ``dW = s U S V^T``. Per step, for X in {U, V}::
+Triples ``(U m x r, S r x r, V n x r)``, ``dW = s U S V^T``. Per step, for X in {U, V} (rows x r)::
 
-    g <- g - X sym(X^T g)                        (Riemannian gradient, embedded metric)
-    D  = -lr m^ / (sqrt(v^) + eps)               (Adam on the Riemannian gradient; no weight decay)
-    D <- D - X sym(X^T D);   X <- polar(X + D)   (tangent projection, polar retraction)
+    g <- g - X g^T X                     (metric="canonical", the authors' euclidean2riemannian)
+      or g - X sym(X^T g)                (metric="euclidean": the embedded-metric projection)
+    D  = -lr m^ / (sqrt(v^) + eps)       (Adam on the Riemannian gradient, no weight decay)
+    D <- D / sqrt(rows / c)              (grad_scaling; skipped when rows == c)
+    D <- D - X sym(X^T D)                (tangent projection)
+    X <- polar(X + D)                    (retraction="polar": U Vt of the thin SVD)
+      or exp_map(X, D)                   (retraction="exp_map": the canonical-metric geodesic)
 
-and ``S`` takes a plain AdamW step (torch's kernel; decoupled ``weight_decay`` applies to S
-only). U and V are batched by their own shape across layers and groups; their Adam moments are
-kept transposed (r x m, r x n), in the layout of the batched algebra. The polar factor comes from
-the eigendecomposition of the r x r Gram ``Y^T Y`` (see :func:`polar`), in float32 (float64 for
-float64 factors). Needs ``LoRALinear(factorization="usv")``.
+and ``S`` takes a plain AdamW step (torch's kernel; ``weight_decay`` applies to S only: on U, V the
+tangent projection would remove it anyway, ``P_X(X) = 0``). ``grad_scaling``: ``True`` takes
+``c`` = the group's ``hidden_size`` (the param-group builder sets the text encoder's hidden size;
+768, SD 1.x's, when a group has none), a number sets ``c``, ``False`` turns it off.
+
+Implementation: U and V are batched by their own shape across layers and groups, in the r-major
+layout (``X^T``: (k, r, rows); their Adam moments too), where every batched product is
+``(r x r) @ (r x rows)`` or ``(r x rows) @ (rows x r)``. The polar factor is
+``Y (Y^T Y)^-1/2`` from the eigendecomposition of the r x r Gram (see :func:`polar`), in float32
+(float64 for float64 factors). Needs ``LoRALinear(factorization="usv")``. Math and tests:
+``docs/optimizers.md``.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any
 
 import torch
 
 from mixofshow.optim.adamw import adamw_update
-from mixofshow.optim.base import check_beta, check_positive
+from mixofshow.optim.base import LoRAOptimizer, check_betas, check_choice, check_lr, check_positive, step_counters
+from mixofshow.optim.base import HyperParameterError
 from mixofshow.optim.batching import compute_dtype, concat_call, inverse_sqrt, sym
-from mixofshow.optim.bucketed import (
-    BucketedLoRAOptimizer,
-    DirectionBatch,
-    grad_or_zeros,
-    per_pair,
-    state_tensor,
-    step_counters,
-)
+from mixofshow.optim.bucketed import DirectionBatch, grad_or_zeros, per_pair, state_tensor
 from mixofshow.optim.registry import OptimizerSpec
 
-__all__ = ["StelLA", "stiefel_project", "stiefel_project_t", "polar", "stella_reference", "SPECS"]
+__all__ = [
+    "DEFAULT_HIDDEN_SIZE",
+    "SPECS",
+    "StelLA",
+    "polar",
+    "stella_reference",
+    "stiefel_exp",
+    "stiefel_project",
+    "stiefel_project_t",
+]
+
+DEFAULT_HIDDEN_SIZE = 768  # SD 1.x's text encoder (CLIP ViT-L/14): c when a group has no hidden_size
+METRICS = ("canonical", "euclidean")
+RETRACTIONS = ("polar", "exp_map")
 
 
 def stiefel_project(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -63,8 +82,27 @@ def polar(y: torch.Tensor) -> torch.Tensor:
     return y @ inverse_sqrt(sym(y.mT @ y), 0.0)
 
 
-def stella_reference(u, s, v, gu, gs, gv, state, *, lr, beta1, beta2, eps, weight_decay):
-    """Plain one-triple StelLA step; returns new ``(U, S, V)`` (``state`` dict updated in place)."""
+def stiefel_exp(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """The canonical-metric geodesic from ``x`` along the tangent ``d`` (batched (k, m, r)).
+
+    Edelman, Arias & Smith (1998), eq. 2.45, as the authors' ``exp_map``: with ``A = x^T d`` and
+    ``d - x A = Q R`` (thin QR), ``[x, Q] expm([[A, -R^T], [R, 0]]) [I; 0]``.
+    """
+    r = x.shape[-1]
+    a = x.mT @ d
+    q, rr = torch.linalg.qr(d - x @ a)
+    top = torch.cat([a, -rr.mT], -1)
+    bottom = torch.cat([rr, torch.zeros_like(rr)], -1)
+    e = torch.linalg.matrix_exp(torch.cat([top, bottom], -2))
+    return x @ e[..., :r, :r] + q @ e[..., r:, :r]
+
+
+def stella_reference(
+    u, s, v, gu, gs, gv, state, *, lr, beta1, beta2, eps, weight_decay,
+    metric="canonical", scaling_c=None, retraction="polar",
+):  # fmt: skip
+    """Plain one-triple StelLA step, per matrix, written from the authors' rule; returns new
+    ``(U, S, V)`` (``state`` updated in place). ``scaling_c``: c of the gradient scaling (None: off)."""
     t = state["t"] = state.get("t", 0) + 1
 
     def adam(key, g):
@@ -77,22 +115,40 @@ def stella_reference(u, s, v, gu, gs, gv, state, *, lr, beta1, beta2, eps, weigh
 
     new = {}
     for key, x, g in (("U", u, gu), ("V", v, gv)):
-        y = x + tangent(x, adam(key, tangent(x, g)))
-        w, _, zt = torch.linalg.svd(y, full_matrices=False)
-        new[key] = w @ zt
+        rg = g - x @ g.T @ x if metric == "canonical" else tangent(x, g)
+        d = adam(key, rg)
+        rows = x.shape[0]
+        if scaling_c is not None and rows != scaling_c:
+            d = d / math.sqrt(rows / scaling_c)
+        d = tangent(x, d)
+        if retraction == "polar":
+            w, _, zt = torch.linalg.svd(x + d, full_matrices=False)
+            new[key] = w @ zt
+        else:
+            a = x.T @ d
+            q, rr = torch.linalg.qr(d - x @ a)
+            block = torch.cat([torch.cat([a, -rr.T], 1), torch.cat([rr, torch.zeros_like(rr)], 1)], 0)
+            mn = torch.linalg.matrix_exp(block)[:, : x.shape[1]]
+            new[key] = torch.cat([x, q], 1) @ mn
     new_s = s * (1 - lr * weight_decay) + adam("S", gs)
     return new["U"], new_s, new["V"]
 
 
-class StelLA(BucketedLoRAOptimizer):
+class StelLA(LoRAOptimizer):
     """StelLA: Riemannian Adam on the Stiefel factors U, V and AdamW on S.
 
     Args:
-        groups: ``[{"triples": [(U, S, V), ...], "lr": ...}, ...]``.
+        groups: ``[{"triples": [(U, S, V), ...], "lr": ...}, ...]``; a group may carry
+            ``hidden_size`` (c of ``grad_scaling=True``).
         lr: learning rate.
         betas: Adam's (beta1, beta2).
         eps: Adam's epsilon.
         weight_decay: decoupled weight decay on S only (U, V are orthonormal).
+        metric: Riemannian gradient: ``"canonical"`` (authors', ``g - X g^T X``) or
+            ``"euclidean"`` (``g - X sym(X^T g)``).
+        grad_scaling: ``True`` (authors' default: divide the step by ``sqrt(rows / c)``, c the
+            model's hidden size), ``False``, or the number ``c``.
+        retraction: ``"polar"`` (authors' default) or ``"exp_map"``.
     """
 
     group_key = "triples"
@@ -104,57 +160,69 @@ class StelLA(BucketedLoRAOptimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.01,
+        metric: str = "canonical",
+        grad_scaling: bool | float = True,
+        retraction: str = "polar",
     ) -> None:
-        check_positive("lr", lr)
-        check_beta("beta1", betas[0])
-        check_beta("beta2", betas[1])
+        check_lr(lr)
+        betas = check_betas(betas)
         check_positive("eps", eps)
         check_positive("weight_decay", weight_decay)
-        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+        check_choice("metric", metric, METRICS)
+        check_choice("retraction", retraction, RETRACTIONS)
+        if not isinstance(grad_scaling, bool):
+            check_positive("grad_scaling", grad_scaling, allow_zero=False)
+        defaults = {
+            "lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
+            "metric": metric, "grad_scaling": grad_scaling, "retraction": retraction,
+        }  # fmt: skip
         super().__init__(groups, defaults)
+        for group in self.param_groups:
+            self._scaling_c(group)  # a bad per-group hidden_size fails now
+
+    @staticmethod
+    def _scaling_c(group: dict[str, Any]) -> float | None:
+        scaling = group["grad_scaling"]
+        if scaling is False:
+            return None
+        c = group.get("hidden_size", DEFAULT_HIDDEN_SIZE) if scaling is True else scaling
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or c <= 0:
+            raise HyperParameterError("grad_scaling", f"Invalid hidden_size for grad_scaling: {c!r}")
+        return float(c)
 
     def _step_buckets(self, buckets: list[tuple[dict[str, Any], list[tuple[torch.Tensor, ...]]]]) -> None:
         # U and V are updated independently of each other given their gradients, so they are
         # batched by their own shape across triples, buckets and groups (V of every n x 768 layer
-        # together, ...), all in the r-major layout (X^T: (k, r, m); their Adam moments too), where
-        # every batched product is (r x r) @ (r x m) or (r x m) @ (m x r).
+        # together, ...), all in the r-major layout (X^T: (k, r, m); their Adam moments too)
         directions = DirectionBatch()
         factors = defaultdict(list)
         for group, triples in buckets:
-            states = [self.state[u] for u, _, _ in triples]
-            s_list = [s for _, s, _ in triples]
-            sdt, dev = compute_dtype(s_list[0].dtype), s_list[0].device
-            shape = tuple(s_list[0].shape)
-            beta1, beta2 = group["betas"]
-            # S: torch's AdamW step (fused kernel on CPU; float32 copies of low-precision S, whose
-            # moments are float32); it also advances the triples' step counters
-            params = s_list if s_list[0].dtype == sdt else [s.to(sdt) for s in s_list]
-            adamw_update(
-                params, [grad_or_zeros(s, sdt) for s in s_list],
-                [state_tensor(st, "exp_avg_S", shape, sdt, dev) for st in states],
-                [state_tensor(st, "exp_avg_sq_S", shape, sdt, dev) for st in states],
-                step_counters(states),
-                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_decay=group["weight_decay"], fused=dev.type == "cpu",
-            )  # fmt: skip
-            if params is not s_list:
-                torch._foreach_copy_(s_list, params)
-            for triple, st in zip(triples, states):
+            self._step_s(group, triples)
+            for triple in triples:
+                st = self.state[triple[0]]
                 for name, x in (("U", triple[0]), ("V", triple[2])):
                     factors[(tuple(x.shape), x.dtype, x.device)].append((x, name, group, st))
-        # 1. Z = [X^T; D^T] (k, 2r, m): X^T now, Riemannian gradients g - X sym(X^T g), and Adam on
-        # them (one fused pass for everything) writes D^T into Z's lower half
+        # 1. X^T, the Riemannian gradients (r-major) and Adam on them (one fused pass for
+        # everything) writes D^T into a zero buffer
         stiefel = []
         for entries in factors.values():
             xs = [e[0] for e in entries]
             sdt, dev = compute_dtype(xs[0].dtype), xs[0].device
             (m, r), k = xs[0].shape, len(xs)
-            z = torch.zeros(k, 2 * r, m, dtype=sdt, device=dev)
-            xt = z[:, :r]
-            xt.copy_(torch.stack(xs).mT)
-            gt = torch.stack([grad_or_zeros(x, sdt) for x in xs]).mT.contiguous()  # r-major, like rgt
-            rgt = stiefel_project_t(xt, gt)
-            outs, grads = z[:, r:].unbind(0), rgt.unbind(0)
+            xt = torch.stack([x.mT for x in xs]).to(sdt)
+            gt = torch.stack([grad_or_zeros(x, sdt).mT for x in xs])
+            h = xt @ gt.mT  # X^T g
+            canonical = [e[2]["metric"] == "canonical" for e in entries]
+            if all(canonical):
+                rgt = torch.baddbmm(gt, h, xt, alpha=-1.0)  # (g - X g^T X)^T = g^T - X^T g X^T
+            elif not any(canonical):
+                rgt = torch.baddbmm(gt, sym(h), xt, alpha=-1.0)
+            else:  # groups with different metrics in one shape bucket
+                pick = torch.tensor(canonical, device=dev)[:, None, None]
+                rgt = torch.baddbmm(gt, torch.where(pick, h, sym(h)), xt, alpha=-1.0)
+            del gt, h
+            dt = torch.zeros(k, r, m, dtype=sdt, device=dev)
+            outs, grads = dt.unbind(0), rgt.unbind(0)
             by_group: dict[int, list[int]] = defaultdict(list)
             for i, e in enumerate(entries):
                 by_group[id(e[2])].append(i)
@@ -166,22 +234,54 @@ class StelLA(BucketedLoRAOptimizer):
                     [state_tensor(st, f"exp_avg_sq_{name}", (r, m), sdt, dev) for st, name in sts],
                     [st["step"] for st, _ in sts],
                 )  # fmt: skip
-            stiefel.append((xs, z, per_pair([e[2]["lr"] for e in entries], z, 3)))
+            # the step size per factor: lr / sqrt(rows / c) with gradient scaling
+            steps = []
+            for _, _, group, _ in entries:
+                c = self._scaling_c(group)
+                steps.append(group["lr"] / math.sqrt(m / c) if c is not None and m != c else group["lr"])
+            retractions = {e[2]["retraction"] for e in entries}
+            stiefel.append((xs, xt, dt, per_pair(steps, dt, 3), retractions))
         directions.run()
-        # 2. Y = X + P_X(lr D), i.e. Y^T = T Z with T = [I - lr sym(X^T D), lr I]; its Gram is
-        # T (Z Z^T) T^T, so the retraction X <- Y (Y^T Y)^-1/2 is X^T <- (Y^T Y)^-1/2 T Z: two
-        # products of Z per shape, the rest r x r (the inverse square roots of all shapes at once)
-        maps, grams = [], []
-        for _, z, lr in stiefel:
-            r = z.shape[1] // 2
-            h = sym(z @ z.mT)
-            eye = torch.eye(r, dtype=z.dtype, device=z.device).expand(z.shape[0], r, r)
-            t = torch.cat([eye - lr * sym(h[:, :r, r:]), lr * eye], -1)
-            maps.append(t)
-            grams.append((sym(t @ h @ t.mT),))
+        # 2. Y^T = X^T + P_X(eta D)^T = (I - eta sym(X^T D)) X^T + eta D^T (two products of the
+        # m-sized operands), then the retraction: polar X^T <- (Y^T Y)^-1/2 Y^T, the inverse square
+        # roots of every shape at once
+        polar_jobs, grams = [], []
+        for xs, xt, dt, eta, retractions in stiefel:
+            r = xt.shape[1]
+            eye = torch.eye(r, dtype=xt.dtype, device=xt.device)
+            yt = torch.baddbmm(eta * dt, eye - eta * sym(xt @ dt.mT), xt)
+            del dt
+            if retractions == {"exp_map"}:
+                new = stiefel_exp(xt.mT, (yt - xt).mT)
+                torch._foreach_copy_(xs, list(new.to(xs[0].dtype).unbind(0)))
+                continue
+            if len(retractions) > 1:
+                raise ValueError("retraction: groups with different retractions share a factor shape; use one")
+            polar_jobs.append((xs, yt))
+            grams.append((sym(yt @ yt.mT),))
         inverses = concat_call(lambda g: (inverse_sqrt(g, 0.0),), grams)
-        for (xs, z, _), t, (w,) in zip(stiefel, maps, inverses):
-            torch._foreach_copy_(xs, list(((w @ t) @ z).mT.to(xs[0].dtype).contiguous().unbind(0)))
+        for (xs, yt), (w,) in zip(polar_jobs, inverses):
+            torch._foreach_copy_(xs, list((w @ yt).mT.to(xs[0].dtype).unbind(0)))
+
+    def _step_s(self, group: dict[str, Any], triples: list[tuple[torch.Tensor, ...]]) -> None:
+        """S: torch's AdamW step (fused kernel on CPU; float32 copies of low-precision S, whose
+        moments are float32); it also advances the triples' step counters."""
+        states = [self.state[u] for u, _, _ in triples]
+        s_list = [s for _, s, _ in triples]
+        sdt, dev = compute_dtype(s_list[0].dtype), s_list[0].device
+        shape = tuple(s_list[0].shape)
+        beta1, beta2 = group["betas"]
+        params = s_list if s_list[0].dtype == sdt else [s.to(sdt) for s in s_list]
+        adamw_update(
+            params, [grad_or_zeros(s, sdt) for s in s_list],
+            [state_tensor(st, "exp_avg_S", shape, sdt, dev) for st in states],
+            [state_tensor(st, "exp_avg_sq_S", shape, sdt, dev) for st in states],
+            step_counters(states),
+            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+            weight_decay=group["weight_decay"], fused=dev.type == "cpu",
+        )  # fmt: skip
+        if params is not s_list:
+            torch._foreach_copy_(s_list, params)
 
 
 SPECS = [
@@ -191,7 +291,7 @@ SPECS = [
         paper="Li, Sajadmanesh, Li & Lyu, arXiv 2510.01938, 2025 (StelLA)",
         memory="2(m+n+r)r (Adam moments on U, S, V)",
         reconstructed=False,
-        defaults={"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01},
         factorization="usv",
+        recommended_lr={"unet": 1e-4, "text_encoder": 1e-5},
     ),
 ]
