@@ -16,10 +16,13 @@ import pytest
 import torch
 
 from mixofshow.optim import SPECS, build_optimizer, get_spec
+from mixofshow.optim.registry import check_hparams
 
 NAMES = sorted(SPECS)
 SHAPES = [(12, 10, 2), (12, 10, 2), (9, 14, 4)]  # (m, n, r)
-NEGATIVE_INVALID = ("eps", "weight_decay", "reg", "ratio", "damping", "clip_threshold", "skip_threshold")
+NEGATIVE_INVALID = (
+    "eps", "weight_decay", "reg", "ratio", "damping", "clip_threshold", "skip_threshold", "update_capping", "grad_scaling",
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -204,3 +207,53 @@ def test_loss_decreases_on_low_rank_regression(name):
         final = loss_of(factors)
         best = min(best, final if math.isfinite(final) else math.inf)
     assert best < 0.5 * initial, f"{name}: loss {initial:.3g} -> {best:.3g} at the best lr"
+
+
+# ----------------------------------------------------------------- contract 2: recommended lr, check_hparams
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_optimizer_recommends_unet_and_text_encoder_lrs(name):
+    lrs = SPECS[name].recommended_lr
+    assert set(lrs) == {"unet", "text_encoder"} and all(v > 0 for v in lrs.values())
+    assert set(SPECS[name].defaults) <= set(__import__("inspect").signature(SPECS[name].cls).parameters)
+    check_hparams(name, dict(SPECS[name].defaults))  # the class defaults are valid
+
+
+@pytest.mark.parametrize(
+    "name,params,start",
+    [
+        ("adamw", {"betas": (1.5, 0.999)}, "betas: Invalid beta1: 1.5"),
+        ("adamw", {"betas": "0.9"}, "betas: Invalid betas"),
+        ("adamw", {"eps": -1}, "eps: Invalid eps: -1"),
+        ("adamw", {"lr": -1.0}, "lr: Invalid learning rate: -1.0"),
+        ("loraplus", {"ratio": 0}, "ratio: Invalid ratio: 0"),
+        ("lora_rite", {"update_capping": -1.0}, "update_capping: Invalid update_capping"),
+        ("lora_rite", {"apply_escape": "yes"}, "apply_escape: Invalid apply_escape"),
+        ("lracs", {"gamma": 0.5}, "gamma: Invalid gamma"),
+        ("adams", {"weight_decay": 0.1}, "weight_decay: Invalid weight_decay"),
+        ("stella", {"retraction": "cayley"}, "retraction: Invalid retraction"),
+        ("scaled_gd", {"betas": (0.9, 0.99)}, "betas: unknown hyper-parameter of optimizer 'scaled_gd'"),
+    ],
+)
+def test_check_hparams_names_the_key_first(name, params, start):
+    with pytest.raises(ValueError) as err:
+        check_hparams(name, params)
+    assert str(err.value).startswith(start), str(err.value)
+
+
+def test_bad_optimizer_params_fail_at_config_load(tmp_path):
+    from mixofshow.train.config import load_train_config
+    from mixofshow.utils.config import ConfigError
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {concept_list: a.json}\nconcept: {words: ['<a1>']}\n"
+                   "optimizer: {name: adamw, params: {betas: [0.9, 1.2]}}\n")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"optimizer\.params\.betas: Invalid beta2: 1\.2"):
+        load_train_config(cfg)
+    cfg.write_text("data: {concept_list: a.json}\nconcept: {words: ['<a1>']}\noptimizer: {name: nope}\n")
+    with pytest.raises(ConfigError, match=r"optimizer\.name: Unknown optimizer 'nope'"):
+        load_train_config(cfg)
+    cfg.write_text("data: {concept_list: a.json}\nconcept: {words: ['<a1>']}\n"
+                   "optimizer: {name: stella, params: {grad_scaling: 768, metric: euclidean}}\n")  # fmt: skip
+    assert load_train_config(cfg).optimizer.params["metric"] == "euclidean"

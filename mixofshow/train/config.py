@@ -119,6 +119,21 @@ class TrainConfig:
         for word in self.concept.class_words:
             if word not in self.concept.words:
                 raise ValueError(f"concept.class_words names {word!r}, which is not in concept.words")
+        _check_optimizer(self.optimizer)
+
+
+def _check_optimizer(optimizer: OptimizerConfig) -> None:
+    """An unknown ``optimizer.name`` or a bad ``optimizer.params`` entry fails at config load."""
+    from mixofshow.optim.registry import check_hparams, get_spec  # imports torch: only when a config is built
+
+    try:
+        get_spec(optimizer.name)
+    except ValueError as err:
+        raise ValueError(f"optimizer.name: {err}") from None
+    try:
+        check_hparams(optimizer.name, optimizer.params)
+    except ValueError as err:  # the message starts with the hyper-parameter's key
+        raise ValueError(f"optimizer.params.{err}") from None
 
 
 def load_train_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> TrainConfig:
