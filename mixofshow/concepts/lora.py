@@ -6,7 +6,7 @@ statistics) computed in a backward hook for the optimizers that ask for it, (2) 
 three-factor ``U S V^T`` form, and (3) rank dropout (DropLoRA) on the r-dimensional activation.
 Checkpoints are exported to PEFT/diffusers and kohya key layouts (see ``concepts/export.py``).
 
-Shapes follow ``shared/optimizers.md``: ``A = lora_down`` is r x n, ``B = lora_up`` is m x r.
+Shapes follow ``docs/optimizers.md``: ``A = lora_down`` is r x n, ``B = lora_up`` is m x r.
 """
 
 from __future__ import annotations

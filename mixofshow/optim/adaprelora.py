@@ -2,7 +2,7 @@
 
 Paper: "AdaPreLoRA: Adafactor Preconditioned Low-Rank Adaptation", Ziyun Liu, Fengmiao Bian,
 Jian-Feng Cai, https://arxiv.org/abs/2605.08734. No public code; reconstructed from the paper's
-description (see ``shared/optimizers.md`` section 6).
+description (see ``docs/optimizers.md``, AdaPreLoRA).
 
 Adafactor statistics of ``G = dL/dW`` (only its row/column energies are read from ``A.full_grad``)
 with ``b2_t = 1 - t^-0.8``, a weight-space preconditioner ``H(Y) = P Y Q`` and, among the factor

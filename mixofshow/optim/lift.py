@@ -3,7 +3,7 @@
 Paper: "LoRA-S: An Efficient Low Rank Adaptation Scheme via Sylvester Equation", Jinyang Zheng and
 Tong Wu, ICLR 2026, https://openreview.net/forum?id=Guo2XGgxZA. Reference code: the authors'
 Gitee repository (sanjin998/lora_s) was not reachable; reconstructed from the paper's
-description (Algorithm 1) and checked numerically, see ``shared/optimizers.md`` section 5.
+description (Algorithm 1) and checked numerically, see ``docs/optimizers.md`` (LoRA-S).
 
 With ``S_B = B^T B``, ``S_A = A A^T`` (r x r) and a direction ``Xd`` (m x n) for the product ``B A``::
 
