@@ -209,8 +209,9 @@ class StelLA(LoRAOptimizer):
             xs = [e[0] for e in entries]
             sdt, dev = compute_dtype(xs[0].dtype), xs[0].device
             (m, r), k = xs[0].shape, len(xs)
-            xt = torch.stack([x.mT for x in xs]).to(sdt)
-            gt = torch.stack([grad_or_zeros(x, sdt).mT for x in xs])
+            # one stack, then one batched transpose (faster than stacking transposed views)
+            xt = torch.stack(xs).to(sdt).mT.contiguous()
+            gt = torch.stack([grad_or_zeros(x, sdt) for x in xs]).mT.contiguous()
             h = xt @ gt.mT  # X^T g
             canonical = [e[2]["metric"] == "canonical" for e in entries]
             if all(canonical):
@@ -261,7 +262,7 @@ class StelLA(LoRAOptimizer):
             grams.append((sym(yt @ yt.mT),))
         inverses = concat_call(lambda g: (inverse_sqrt(g, 0.0),), grams)
         for (xs, yt), (w,) in zip(polar_jobs, inverses):
-            torch._foreach_copy_(xs, list((w @ yt).mT.to(xs[0].dtype).unbind(0)))
+            torch._foreach_copy_(xs, list((w @ yt).mT.to(xs[0].dtype).contiguous().unbind(0)))
 
     def _step_s(self, group: dict[str, Any], triples: list[tuple[torch.Tensor, ...]]) -> None:
         """S: torch's AdamW step (fused kernel on CPU; float32 copies of low-precision S, whose
