@@ -15,7 +15,6 @@ from typing import Any
 import torch
 
 __all__ = [
-    "active_pairs",
     "concat_call",
     "compute_dtype",
     "inverse_sqrt",
@@ -99,11 +98,6 @@ def _consecutive_slices(tensors: Sequence[torch.Tensor]) -> bool:
         and t.storage_offset() == offset + i * numel
         for i, t in enumerate(tensors)
     )  # fmt: skip
-
-
-def active_pairs(pairs: Sequence[tuple[torch.Tensor, ...]]) -> list[tuple[torch.Tensor, ...]]:
-    """The factor tuples whose tensors all have a gradient (the others are left untouched)."""
-    return [f for f in pairs if all(t.grad is not None for t in f)]
 
 
 def keep_saved_state_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
