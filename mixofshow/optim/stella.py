@@ -38,8 +38,15 @@ from typing import Any
 import torch
 
 from mixofshow.optim.adamw import adamw_update
-from mixofshow.optim.base import LoRAOptimizer, check_betas, check_choice, check_lr, check_positive, step_counters
-from mixofshow.optim.base import HyperParameterError
+from mixofshow.optim.base import (
+    HyperParameterError,
+    LoRAOptimizer,
+    check_betas,
+    check_choice,
+    check_lr,
+    check_positive,
+    step_counters,
+)
 from mixofshow.optim.batching import compute_dtype, concat_call, inverse_sqrt, sym
 from mixofshow.optim.bucketed import DirectionBatch, grad_or_zeros, per_pair, state_tensor
 from mixofshow.optim.registry import OptimizerSpec
@@ -177,8 +184,10 @@ class StelLA(LoRAOptimizer):
             "metric": metric, "grad_scaling": grad_scaling, "retraction": retraction,
         }  # fmt: skip
         super().__init__(groups, defaults)
-        for group in self.param_groups:
-            self._scaling_c(group)  # a bad per-group hidden_size fails now
+        for group in self.param_groups:  # per-group overrides fail now, not at the first step
+            check_choice("metric", group["metric"], METRICS)
+            check_choice("retraction", group["retraction"], RETRACTIONS)
+            self._scaling_c(group)
 
     @staticmethod
     def _scaling_c(group: dict[str, Any]) -> float | None:
@@ -192,8 +201,8 @@ class StelLA(LoRAOptimizer):
 
     def _step_buckets(self, buckets: list[tuple[dict[str, Any], list[tuple[torch.Tensor, ...]]]]) -> None:
         # U and V are updated independently of each other given their gradients, so they are
-        # batched by their own shape across triples, buckets and groups (V of every n x 768 layer
-        # together, ...), all in the r-major layout (X^T: (k, r, m); their Adam moments too)
+        # batched by their own shape (and retraction) across triples, buckets and groups (V of every
+        # n x 768 layer together, ...), all in the r-major layout (X^T: (k, r, m); Adam moments too)
         directions = DirectionBatch()
         factors = defaultdict(list)
         for group, triples in buckets:
@@ -201,7 +210,7 @@ class StelLA(LoRAOptimizer):
             for triple in triples:
                 st = self.state[triple[0]]
                 for name, x in (("U", triple[0]), ("V", triple[2])):
-                    factors[(tuple(x.shape), x.dtype, x.device)].append((x, name, group, st))
+                    factors[(tuple(x.shape), x.dtype, x.device, group["retraction"])].append((x, name, group, st))
         # 1. X^T, the Riemannian gradients (r-major) and Adam on them (one fused pass for
         # everything) writes D^T into a zero buffer
         stiefel = []
@@ -240,24 +249,21 @@ class StelLA(LoRAOptimizer):
             for _, _, group, _ in entries:
                 c = self._scaling_c(group)
                 steps.append(group["lr"] / math.sqrt(m / c) if c is not None and m != c else group["lr"])
-            retractions = {e[2]["retraction"] for e in entries}
-            stiefel.append((xs, xt, dt, per_pair(steps, dt, 3), retractions))
+            stiefel.append((xs, xt, dt, per_pair(steps, dt, 3), entries[0][2]["retraction"]))
         directions.run()
         # 2. Y^T = X^T + P_X(eta D)^T = (I - eta sym(X^T D)) X^T + eta D^T (two products of the
         # m-sized operands), then the retraction: polar X^T <- (Y^T Y)^-1/2 Y^T, the inverse square
         # roots of every shape at once
         polar_jobs, grams = [], []
-        for xs, xt, dt, eta, retractions in stiefel:
+        for xs, xt, dt, eta, retraction in stiefel:
             r = xt.shape[1]
             eye = torch.eye(r, dtype=xt.dtype, device=xt.device)
             yt = torch.baddbmm(eta * dt, eye - eta * sym(xt @ dt.mT), xt)
             del dt
-            if retractions == {"exp_map"}:
+            if retraction == "exp_map":
                 new = stiefel_exp(xt.mT, (yt - xt).mT)
                 torch._foreach_copy_(xs, list(new.to(xs[0].dtype).unbind(0)))
                 continue
-            if len(retractions) > 1:
-                raise ValueError("retraction: groups with different retractions share a factor shape; use one")
             polar_jobs.append((xs, yt))
             grams.append((sym(yt @ yt.mT),))
         inverses = concat_call(lambda g: (inverse_sqrt(g, 0.0),), grams)
