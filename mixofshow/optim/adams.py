@@ -33,7 +33,6 @@ from mixofshow.optim.bucketed import (
     DirectionBatch,
     adam_directions_,
     apply_,
-    get_full_grad,
     grad_or_zeros,
     next_steps,
     state_tensor,
@@ -214,7 +213,7 @@ class AdamS(BucketedLoRAOptimizer):
         a0, b0 = pairs[0]
         sdt, dev = compute_dtype(a0.dtype), a0.device
         shape = (b0.shape[0], a0.shape[1])
-        grads = [get_full_grad(type(self).__name__, a, shape).to(sdt) for a in a_list]
+        grads = [self.full_grad(a, shape).to(sdt) for a in a_list]
         m = [state_tensor(s, "exp_avg", shape, sdt, dev) for s in states]
         v = [state_tensor(s, "exp_avg_sq", shape, sdt, dev) for s in states]
         next_steps(states)

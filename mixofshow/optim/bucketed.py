@@ -26,7 +26,6 @@ __all__ = [
     "adam_directions",
     "adam_directions_",
     "apply_",
-    "get_full_grad",
     "grad_or_zeros",
     "next_steps",
     "per_pair",
@@ -121,26 +120,12 @@ def active_tuples(opt: LoRAOptimizer, group: dict[str, Any]) -> list[tuple[torch
     return [
         f
         for f in opt.factor_tuples(group)
-        if any(t.grad is not None for t in f) or getattr(f[0], "full_grad", None) is not None
+        if any(t.grad is not None for t in f) or opt.has_full_grad(f[0])
     ]
 
 
 def grad_or_zeros(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros_like(t, dtype=dtype) if t.grad is None else t.grad.to(dtype)
-
-
-def get_full_grad(opt_name: str, a: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """``a.full_grad`` (m x n); a clear error when the LoRA layer did not record it."""
-    g = getattr(a, "full_grad", None)
-    if g is None:
-        raise RuntimeError(
-            f"{opt_name} needs the full weight gradient dL/dW of every LoRA layer, but the pair with "
-            f"A of shape {tuple(a.shape)} has none: set `record_full_grad = True` on its LoRALinear "
-            f"layer before the forward pass (the optimizer's needs_full_grad is True)"
-        )
-    if tuple(g.shape) != shape:
-        raise RuntimeError(f"{opt_name}: full_grad has shape {tuple(g.shape)}, expected {shape}")
-    return g
 
 
 def state_tensor(state: dict, key: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
