@@ -61,7 +61,7 @@ def choose_mode(energies_only: bool, accumulation_steps: int = 1, num_processes:
 class _Slot:
     """One layer's gradient: ``g`` (m x n) or its energies ``row`` (m), ``col`` (n)."""
 
-    __slots__ = ("a", "shape", "g", "row", "col", "pending")
+    __slots__ = ("a", "shape", "g", "row", "col", "pending", "keep")
 
     def __init__(self, a: torch.Tensor, shape: tuple[int, int]) -> None:
         self.a = a  # the pair's A (lora_down): the key the optimizer reads by
@@ -70,6 +70,7 @@ class _Slot:
         self.row: torch.Tensor | None = None
         self.col: torch.Tensor | None = None
         self.pending = 0  # hooks registered in a forward pass that have not run yet
+        self.keep = False  # reduce only when read (a checkpointing recomputation was seen)
 
     def reduce(self) -> None:
         g2 = self.g.square()
@@ -118,6 +119,15 @@ class FullGradients:
     def record(self, layer: LoRALinear, x: torch.Tensor, out: torch.Tensor) -> None:
         """Called by ``layer.forward``: add ``dy^T x`` to the layer's G when ``out``'s gradient runs."""
         slot = self._slot(layer.lora_down)
+        x = x.detach()
+        seen = slot.pending > 0 or slot.g is not None or slot.row is not None
+        if seen and torch._C._current_graph_task_id() != -1:
+            # a forward run inside the backward pass: gradient checkpointing recomputing a forward
+            # already counted. Its hook never runs with non-reentrant checkpointing and runs with
+            # reentrant checkpointing, so it is not counted and G is reduced only when read.
+            slot.keep = True
+            out.register_hook(lambda dy: self._accumulate(slot, x, dy, counted=False))
+            return
         if self.mode == ENERGIES and slot.row is not None:
             raise RuntimeError(
                 "Full gradients in 'energies' mode saw a second backward pass in one step; the "
@@ -125,10 +135,15 @@ class FullGradients:
                 "the step's accumulation_steps and num_processes)"
             )
         slot.pending += 1
-        x = x.detach()
-        out.register_hook(lambda dy: self._accumulate(slot, x, dy))
+        out.register_hook(lambda dy: self._accumulate(slot, x, dy, counted=True))
 
-    def _accumulate(self, slot: _Slot, x: torch.Tensor, dy: torch.Tensor) -> None:
+    def _accumulate(self, slot: _Slot, x: torch.Tensor, dy: torch.Tensor, counted: bool) -> None:
+        if slot.row is not None:
+            raise RuntimeError(
+                "Full gradients in 'energies' mode got a contribution after reducing G to its "
+                "energies (a layer recomputed by reentrant gradient checkpointing after its own hook "
+                "ran?); use mode 'matrix'"
+            )
         dt = torch.float64 if torch.float64 in (x.dtype, dy.dtype) else torch.float32
         x2 = x.reshape(-1, x.shape[-1]).to(dt)
         dy2 = dy.reshape(-1, dy.shape[-1]).to(dt)
@@ -136,8 +151,9 @@ class FullGradients:
             slot.g = dy2.T @ x2  # the one GEMM per layer and backward
         else:
             slot.g.addmm_(dy2.T, x2)
-        slot.pending -= 1
-        if self.mode == ENERGIES and slot.pending == 0:
+        if counted:
+            slot.pending -= 1
+        if self.mode == ENERGIES and slot.pending == 0 and not slot.keep:
             slot.reduce()
 
     def set_(self, a: torch.Tensor, g: torch.Tensor) -> None:
@@ -234,7 +250,7 @@ class FullGradients:
         """Forget every G (``optimizer.zero_grad()`` calls this): the next step starts from none."""
         for slot in self._slots.values():
             slot.g = slot.row = slot.col = None
-            slot.pending = 0
+            slot.pending, slot.keep = 0, False
 
     def _slot(self, a: torch.Tensor) -> _Slot:
         slot = self._slots.get(id(a))
