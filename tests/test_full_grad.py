@@ -325,11 +325,10 @@ def test_all_reduce_over_two_processes_equals_one_process(tmp_path):
 # ----------------------------------------------------------------------------- the training loop
 
 
-def test_training_loop_clips_with_the_full_gradient(tmp_path, monkeypatch):
+def test_training_loop_clips_with_the_full_gradient(tmp_path, monkeypatch, small_train_config):
     """``train.max_grad_norm`` in the loop: the norm includes G, kept (mode "matrix") because of
     the 2 micro-batches per step, and the run trains."""
     from mixofshow.train.loop import train as train_loop
-    from test_train import small_config
 
     seen = []
     original = FullGradients.norm_sq
@@ -342,6 +341,6 @@ def test_training_loop_clips_with_the_full_gradient(tmp_path, monkeypatch):
     monkeypatch.setattr(FullGradients, "norm_sq", spy)
     overrides = {"optimizer.name": "adaprelora", "train.max_steps": 2, "train.checkpoint_every": 0,
                  "train.gradient_accumulation_steps": 2, "train.max_grad_norm": 1e-3}  # fmt: skip
-    result = train_loop(small_config(tmp_path, **overrides))
+    result = train_loop(small_train_config(tmp_path, **overrides))
     assert result.steps == 2 and len(seen) == 2
     assert all(mode == MATRIX and value > 0 for mode, value in seen)
