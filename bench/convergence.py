@@ -67,8 +67,7 @@ def run(name: str, lr: float, dw: torch.Tensor, steps: int, rank: int, scale: fl
         residual = w - dw
         (0.5 * residual.square().sum()).backward()
         if spec.needs_full_grad:
-            for t in (factors[0], factors[-1]):
-                t.full_grad = residual.detach()
+            opt.full_grads.set_(factors[0], residual.detach())
         opt.step()
         with torch.no_grad():
             err = ((product(factors, scale) - dw).norm() / dw.norm()).item()

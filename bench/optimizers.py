@@ -12,7 +12,7 @@ For every optimizer and rank it prints::
 ``step_ratio`` = step time / step time of ``torch.optim.AdamW(foreach=True)`` on the same
 tensors (the median, over rounds, of the ratio of the two timed back to back, which keeps it
 stable on a busy machine), ``state_ratio`` = bytes of optimizer state / AdamW's. Optimizers that need the
-full gradient get a random m x n ``A.full_grad`` per pair (its cost in the LoRA layer's backward
+full gradient get a random m x n ``G`` per pair (``opt.full_grads.set_``) (its cost in the LoRA layer's backward
 hook is not counted); ``usv`` optimizers (StelLA) get (U, S, V) triples of the same shapes.
 
     python bench/optimizers.py [--ranks 4 16] [--optimizers adamw lora_rite] [--repeats 15]
@@ -77,10 +77,10 @@ def make_groups(factors: list[tuple[str, tuple[torch.Tensor, ...]]], key: str) -
     return groups
 
 
-def add_full_grads(factors: list[tuple[str, tuple[torch.Tensor, ...]]], seed: int = 1) -> None:
+def add_full_grads(opt, factors: list[tuple[str, tuple[torch.Tensor, ...]]], seed: int = 1) -> None:
     gen = torch.Generator().manual_seed(seed)
     for _, (a, b) in factors:
-        a.full_grad = torch.randn(b.shape[0], a.shape[1], generator=gen) * 1e-3
+        opt.full_grads.set_(a, torch.randn(b.shape[0], a.shape[1], generator=gen) * 1e-3)
 
 
 def clone_factors(factors: list[tuple[str, tuple[torch.Tensor, ...]]]) -> list[tuple[str, tuple[torch.Tensor, ...]]]:
@@ -90,8 +90,6 @@ def clone_factors(factors: list[tuple[str, tuple[torch.Tensor, ...]]]) -> list[t
         for t in f:
             c = t.detach().clone().requires_grad_()
             c.grad = t.grad.clone()
-            if getattr(t, "full_grad", None) is not None:
-                c.full_grad = t.full_grad
             copies.append(c)
         out.append((component, tuple(copies)))
     return out
@@ -186,10 +184,10 @@ def main() -> None:
         for name in names:
             spec = SPECS[name]
             factors = make_factors(rank, spec.factorization) if spec.factorization != "ab" else clone_factors(base)
-            if spec.needs_full_grad:
-                add_full_grads(factors)
             key = "pairs" if spec.factorization == "ab" else "triples"
             opt = build_optimizer(name, make_groups(factors, key))
+            if spec.needs_full_grad:
+                add_full_grads(opt, factors)
             ratio = step_ratio(opt.step, ref.step, args.repeats, args.budget)
             print(f"{name} rank={rank} step_ratio={ratio:.2f} state_ratio={state_bytes(opt) / bytes_ref:.2f}", flush=True)
 

@@ -57,7 +57,7 @@ def test_adaprelora_first_step_uses_adafactor_statistics_and_scale():
     (a, b), t = pairs[0], targets[0]
     a0, b0 = a.detach().clone(), b.detach().clone()
     opt = build_optimizer("adaprelora", [{"pairs": pairs, "lr": 0.1, "scale": 2.0}], beta1=0.0, damping=0.0)
-    set_grads(pairs, targets, 2.0)
+    set_grads(pairs, targets, 2.0, opt)
     opt.step()
     grad = 2.0 * b0 @ a0 - t
     g2 = grad**2 + 1e-30

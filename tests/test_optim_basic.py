@@ -13,11 +13,12 @@ import pytest
 import torch
 from torch import nn
 
-from mixofshow.concepts.lora import LoRALinear, inject_lora
+from mixofshow.concepts.lora import LoRALinear, inject_lora, lora_layers
 from mixofshow.optim import SPECS, build_optimizer
 from mixofshow.optim.adamw import adamw_reference
 from mixofshow.optim.batching import stack
-from mixofshow.optim.groups import enable_full_grad, lora_param_groups
+from mixofshow.optim.full_grad import full_gradients_for
+from mixofshow.optim.groups import lora_param_groups
 from mixofshow.optim.lora_rite import lora_rite_reference, unmagnified_reference
 from mixofshow.optim.scaled import precondition_reference
 
@@ -390,8 +391,6 @@ def test_lora_param_groups_by_module_type():
     assert [g["name"] for g in lora_param_groups(comps, {"text_encoder": 1.0, "unet": 1.0})] == ["text_encoder"]
     with pytest.raises(ValueError, match="usv"):
         lora_param_groups(comps, {"text_encoder": 1.0, "unet": 1.0}, factorization="usv")
-    assert enable_full_grad(comps, True) == 3 and comps["text_encoder"].q_proj.record_full_grad
-    assert enable_full_grad(comps, False) == 3 and not comps["unet"].q_proj.record_full_grad
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
@@ -399,8 +398,10 @@ def test_groups_work_with_every_registered_optimizer(name):
     spec = SPECS[name]
     comps = tiny_components(spec.factorization, seed=1)
     groups = lora_param_groups(comps, {"text_encoder": 1e-2, "unet": 1e-2}, factorization=spec.factorization)
-    enable_full_grad(comps, spec.needs_full_grad)
-    opt = build_optimizer(name, groups)
+    full = full_gradients_for(comps, spec.cls)  # only optimizers that read G pay for the hook
+    assert (full is None) == (not spec.needs_full_grad)
+    assert all((layer.full_grad_sink is full) for m in comps.values() for _, layer in lora_layers(m))
+    opt = build_optimizer(name, groups, full_grads=full)
     params = [t for g in opt.param_groups for t in g["params"]]
     before = [t.detach().clone() for t in params]
     for _ in range(2):

@@ -62,8 +62,9 @@ def test_groups_with_their_own_hyperparameters_batch_like_separate_optimizers(na
                 for i, group in enumerate(groups)]  # fmt: skip
     together = build_optimizer(name, groups)
     for _ in range(3):
-        grads(tuples, targets)
-        grads(twins, targets)
+        grads(tuples, targets, 1.0, together)
+        grads(twins[:3], targets[:3], 1.0, separate[0])
+        grads(twins[3:], targets[3:], 1.0, separate[1])
         together.step()
         for opt in separate:
             opt.step()

@@ -3,7 +3,7 @@
 After timm's ``tests/test_optim.py``: a state-dict round trip followed by lock-step stepping, no
 NaN from zero-initialised factors, low-precision factors, clear errors for bad names and
 hyper-parameters, and a loss that goes down. Whatever is registered at test time is covered.
-Optimizers with ``needs_full_grad`` get ``A.full_grad = G`` consistent with the factor gradients
+Optimizers with ``needs_full_grad`` get ``G`` (``optimizer.full_grads.set_(A, G)``) consistent with the factor gradients
 (``G_A = s B^T G``, ``G_B = s G A^T``); ``usv`` optimizers get (U, S, V) triples.
 """
 
@@ -62,8 +62,9 @@ def delta(spec, f, scale):
     return scale * b @ a
 
 
-def set_grads(spec, factors, full_grads, scale):
-    """Factor gradients of ``sum <G, W>`` (so dL/dW = G for each pair), plus ``full_grad``."""
+def set_grads(spec, factors, full_grads, scale, opt):
+    """Factor gradients of ``sum <G, W>`` (so dL/dW = G for each pair), plus G itself in the
+    optimizer's full gradients (``needs_full_grad``)."""
     for f, g in zip(factors, full_grads):
         for t in f:
             t.grad = None
@@ -71,8 +72,7 @@ def set_grads(spec, factors, full_grads, scale):
         (w * g.to(w.dtype)).sum().backward()
         if spec.needs_full_grad:
             fg = g.to(torch.float64 if f[0].dtype == torch.float64 else torch.float32)
-            for t in (f[0], f[-1]) if spec.factorization == "usv" else (f[0],):
-                t.full_grad = fg
+            opt.full_grads.set_(f[0], fg)
 
 
 def random_full_grads(shapes, gen, scale=1.0):
@@ -95,7 +95,7 @@ def test_state_dict_round_trip_then_lock_step(name):
     f1 = make_factors(spec, SHAPES)
     opt1 = make_optimizer(name, f1)
     for k in range(3):
-        set_grads(spec, f1, grads[k], 0.5)
+        set_grads(spec, f1, grads[k], 0.5, opt1)
         opt1.step()
     buf = io.BytesIO()
     torch.save(opt1.state_dict(), buf)
@@ -105,7 +105,7 @@ def test_state_dict_round_trip_then_lock_step(name):
     opt2.load_state_dict(torch.load(buf))
     for k in range(3, 6):
         for factors, opt in ((f1, opt1), (f2, opt2)):
-            set_grads(spec, factors, grads[k], 0.5)
+            set_grads(spec, factors, grads[k], 0.5, opt)
             opt.step()
         for t1, t2 in zip(flat(f1), flat(f2)):
             assert torch.equal(t1, t2), f"{name}: copies diverged at step {k}"
@@ -119,7 +119,7 @@ def test_zero_initialised_factor_gives_finite_steps(name):
     targets = [0.3 * torch.randn(m, r, generator=gen) @ torch.randn(r, n, generator=gen) for m, n, r in SHAPES]
     opt = make_optimizer(name, factors, lr=1e-2, scale=1.0)
     for _ in range(5):
-        set_grads(spec, factors, [delta(spec, f, 1.0).detach() - t for f, t in zip(factors, targets)], 1.0)
+        set_grads(spec, factors, [delta(spec, f, 1.0).detach() - t for f, t in zip(factors, targets)], 1.0, opt)
         opt.step()
         assert all(torch.isfinite(t).all() for t in flat(factors)), f"{name}: NaN/Inf from a zero init"
     assert any(delta(spec, f, 1.0).abs().max() > 0 for f in factors), f"{name}: a zero B never moved"
@@ -136,11 +136,11 @@ def test_low_precision_factors_track_a_float32_run(name, dtype):
     gen = torch.Generator().manual_seed(3)
     for _ in range(2):
         g = random_full_grads(SHAPES, gen, 0.1)
-        set_grads(spec, ref, g, 0.5)
+        set_grads(spec, ref, g, 0.5, opt_ref)
         for t_low, t_ref in zip(flat(low), flat(ref)):  # the same gradients, rounded
             t_low.grad = t_ref.grad.to(dtype)
-            if getattr(t_ref, "full_grad", None) is not None:
-                t_low.full_grad = t_ref.full_grad
+            if opt_ref.full_grads is not None and t_ref in opt_ref.full_grads:
+                opt_low.full_grads.set_(t_low, opt_ref.full_grads.grad(t_ref))
         opt_ref.step()
         opt_low.step()
     ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
@@ -202,7 +202,7 @@ def test_loss_decreases_on_low_rank_regression(name):
         factors = make_factors(spec, shapes, zero=True)
         opt = make_optimizer(name, factors, lr=lr, scale=1.0)
         for _ in range(60):
-            set_grads(spec, factors, [delta(spec, f, 1.0).detach() - t for f, t in zip(factors, targets)], 1.0)
+            set_grads(spec, factors, [delta(spec, f, 1.0).detach() - t for f, t in zip(factors, targets)], 1.0, opt)
             opt.step()
         final = loss_of(factors)
         best = min(best, final if math.isfinite(final) else math.inf)

@@ -62,7 +62,8 @@ class LoRALinear(nn.Module):
         self.multiplier = 1.0  # sample-time LoRA scale (0 shows the embeddings alone)
         self.rank_dropout = rank_dropout
         self.factorization = factorization
-        self.record_full_grad = False  # set by optimizers that need G = dy^T x
+        # a FullGradients (mixofshow/optim/full_grad.py) when the optimizer reads G = dy^T x
+        self.full_grad_sink = None
         m, n = base.out_features, base.in_features
         kw = {"device": base.weight.device, "dtype": torch.float32}
         if factorization == "ab":
@@ -119,24 +120,14 @@ class LoRALinear(nn.Module):
             h = self._drop(F.linear(h, self.lora_S))
             h = F.linear(h, self.lora_U)
         result = out + (self.scale * self.multiplier) * h.to(dtype)
-        if self.record_full_grad and result.requires_grad:
-            inputs = x.detach()
-            result.register_hook(lambda dy: self._accumulate_full_grad(inputs, dy))
+        if self.full_grad_sink is not None and result.requires_grad:
+            self.full_grad_sink.record(self, x, result)
         return result
 
     def _drop(self, h: torch.Tensor) -> torch.Tensor:
         if self.training and self.rank_dropout > 0.0:
             return F.dropout(h, p=self.rank_dropout, training=True)
         return h
-
-    def _accumulate_full_grad(self, x: torch.Tensor, dy: torch.Tensor) -> None:
-        # G = dy^T x over all tokens, in fp32; accumulated like .grad across micro-batches.
-        target = self.lora_down if self.factorization == "ab" else self.lora_V
-        g = dy.reshape(-1, dy.shape[-1]).to(torch.float32).T @ x.reshape(-1, x.shape[-1]).to(
-            torch.float32
-        )
-        prev = getattr(target, "full_grad", None)
-        target.full_grad = g if prev is None else prev + g
 
     def extra_repr(self) -> str:
         return (

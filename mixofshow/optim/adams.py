@@ -207,7 +207,7 @@ class AdamS(LoRAOptimizer):
         a0, b0 = pairs[0]
         sdt, dev = compute_dtype(a0.dtype), a0.device
         shape = (b0.shape[0], a0.shape[1])
-        grads = [self._full_grad(f, shape).to(sdt) for f in pairs]
+        grads = [self.full_grad(a, shape).to(sdt) for a in a_list]
         m = [state_tensor(s, "exp_avg", shape, sdt, dev) for s in states]
         v = [state_tensor(s, "exp_avg_sq", shape, sdt, dev) for s in states]
         next_steps(states)

@@ -4,7 +4,8 @@ Paper: "AdaPreLoRA: Adafactor Preconditioned Low-Rank Adaptation", Ziyun Liu, Fe
 Jian-Feng Cai, https://arxiv.org/abs/2605.08734. No public code; reconstructed from the paper's
 description (see ``docs/optimizers.md``, AdaPreLoRA).
 
-Adafactor statistics of ``G = dL/dW`` (only its row/column energies are read from ``A.full_grad``)
+Adafactor statistics of ``G = dL/dW`` (only its row/column energies are read, which the LoRA
+layer's hook can compute without keeping G: ``mixofshow/optim/full_grad.py``)
 with ``b2_t = 1 - t^-0.8``, a weight-space preconditioner ``H(Y) = P Y Q`` and, among the factor
 updates reproducing a W direction, the one of least H-weighted imbalance::
 
@@ -49,14 +50,16 @@ __all__ = [
 ]
 
 
-def adafactor_scales(g, row, col, weight, eps):
+def adafactor_scales(row_energy, col_energy, row, col, weight, eps):
     """New Adafactor energies ``(R, Cc)`` and the diagonals ``(p, q)`` of ``P``, ``Q`` (batched).
 
-    ``weight = 1 - b2_t = t^decay_rate`` (a float, or a (k, 1) tensor when steps differ).
+    ``row_energy = rowsum(G^2)`` (k, m), ``col_energy = colsum(G^2)`` (k, n): the sums of
+    ``G^2 + eps`` are these plus ``n eps`` and ``m eps``. ``weight = 1 - b2_t = t^decay_rate``
+    (a float, or a (k, 1) tensor when steps differ).
     """
-    g2 = g.square() + eps
-    row = torch.lerp(row, g2.sum(-1), weight)
-    col = torch.lerp(col, g2.sum(-2), weight)
+    m, n = row_energy.shape[-1], col_energy.shape[-1]
+    row = torch.lerp(row, row_energy + n * eps, weight)
+    col = torch.lerp(col, col_energy + m * eps, weight)
     p = row.sqrt()
     q = col.sqrt() * row.sum(-1, keepdim=True).rsqrt()
     return row, col, p, q
@@ -102,15 +105,17 @@ def adaprelora_direction_reference(b, a, g, p, q, damping: float = 0.0):
 
 
 def adaprelora_update(
-    a_list, b_list, ga, gb, g_list, row, col, ma, mb, steps,
+    a_list, b_list, ga, gb, energies, row, col, ma, mb, steps,
     *, lr, beta1, eps, decay_rate, damping, weight_decay, scale,
 ) -> None:  # fmt: skip
-    """One AdaPreLoRA step for a shape bucket; updates state lists and factors in place."""
+    """One AdaPreLoRA step for a shape bucket; updates state lists and factors in place.
+
+    ``energies``: per pair ``(rowsum(G^2), colsum(G^2))`` of its full gradient."""
     dt = compute_dtype(a_list[0].dtype)
-    g = torch.stack(g_list).to(dt)
-    weight = per_pair([float(t) ** decay_rate for t in steps], g, 2)
-    new_row, new_col, p, q = adafactor_scales(g, torch.stack(row), torch.stack(col), weight, eps)
-    del g
+    row_e = torch.stack([e[0] for e in energies]).to(dt)
+    col_e = torch.stack([e[1] for e in energies]).to(dt)
+    weight = per_pair([float(t) ** decay_rate for t in steps], row_e, 2)
+    new_row, new_col, p, q = adafactor_scales(row_e, col_e, torch.stack(row), torch.stack(col), weight, eps)
     torch._foreach_copy_(row, list(new_row.unbind(0)))
     torch._foreach_copy_(col, list(new_col.unbind(0)))
     torch._foreach_lerp_(ma + mb, ga + gb, 1.0 - beta1)
@@ -138,6 +143,7 @@ class AdaPreLoRA(LoRAOptimizer):
     """
 
     needs_full_grad = True
+    full_grad_energies_only = True
 
     def __init__(
         self,
@@ -169,7 +175,7 @@ class AdaPreLoRA(LoRAOptimizer):
         a0, b0 = pairs[0]
         m, n = b0.shape[0], a0.shape[1]
         sdt, dev = compute_dtype(a0.dtype), a0.device
-        grads = [self._full_grad(f, (m, n)) for f in pairs]
+        energies = [self.full_grad_energies(a, (m, n)) for a in a_list]
         ga = [grad_or_zeros(a, sdt) for a in a_list]
         gb = [grad_or_zeros(b, sdt) for b in b_list]
         row = [state_tensor(s, "row", (m,), sdt, dev) for s in states]
@@ -178,7 +184,7 @@ class AdaPreLoRA(LoRAOptimizer):
         mb = [state_tensor(s, "exp_avg_B", tuple(b0.shape), sdt, dev) for s in states]
         hp = {k: group[k] for k in ("lr", "beta1", "eps", "decay_rate", "damping", "weight_decay")}
         adaprelora_update(
-            a_list, b_list, ga, gb, grads, row, col, ma, mb, next_steps(states), scale=group["scale"], **hp
+            a_list, b_list, ga, gb, energies, row, col, ma, mb, next_steps(states), scale=group["scale"], **hp
         )
 
 

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import torch
 
 from mixofshow.optim.batching import keep_saved_state_dtypes
+from mixofshow.optim.full_grad import FullGradients
 
 __all__ = [
     "HyperParameterError",
@@ -130,13 +131,18 @@ class LoRAOptimizer(torch.optim.Optimizer):
 
     Class attributes:
         group_key: ``"pairs"`` or ``"triples"``.
-        needs_full_grad: the optimizer reads the full m x n gradient ``dL/dW`` of every pair
-            (through :meth:`full_grad` only), recorded by
-            :class:`mixofshow.concepts.lora.LoRALinear` when ``record_full_grad`` is on.
+        needs_full_grad: the optimizer reads the full gradient ``G = dL/dW`` (m x n) of every
+            pair, from the :class:`~mixofshow.optim.full_grad.FullGradients` bound to it
+            (``build_optimizer(..., full_grads=...)``), through :meth:`full_grad` or
+            :meth:`full_grad_energies`.
+        full_grad_energies_only: it reads only G's row/column energies (the hook may reduce G at
+            once, see ``choose_mode``).
     """
 
     group_key: ClassVar[str] = "pairs"
     needs_full_grad: ClassVar[bool] = False
+    full_grad_energies_only: ClassVar[bool] = False
+    full_grads: FullGradients | None = None
 
     def __init__(self, groups: Iterable[dict[str, Any]], defaults: dict[str, Any]) -> None:
         arity = 2 if self.group_key == "pairs" else 3
@@ -183,28 +189,10 @@ class LoRAOptimizer(torch.optim.Optimizer):
         k = 2 if self.group_key == "pairs" else 3
         return [tuple(params[i : i + k]) for i in range(0, len(params), k)]
 
-    # -- the full gradient: read only here, so what stands behind it can change ------------
-    def full_grad(self, f: Sequence[torch.Tensor]) -> torch.Tensor | None:
-        """The full gradient ``dL/dW`` (m x n) of factor tuple ``f``, or ``None``."""
-        return getattr(f[0], "full_grad", None)
-
-    def _full_grad(self, f: Sequence[torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
-        """:meth:`full_grad`, with a clear error when the LoRA layer did not record it."""
-        g = self.full_grad(f)
-        if g is None:
-            raise RuntimeError(
-                f"{type(self).__name__} needs the full weight gradient dL/dW of every LoRA layer, but the "
-                f"pair with A of shape {tuple(f[0].shape)} has none: set `record_full_grad = True` on its "
-                "LoRALinear layer before the forward pass (the optimizer's needs_full_grad is True)"
-            )
-        if tuple(g.shape) != tuple(shape):
-            raise RuntimeError(f"{type(self).__name__}: full_grad has shape {tuple(g.shape)}, expected {shape}")
-        return g
-
     def has_grad(self, f: Sequence[torch.Tensor]) -> bool:
         """The one definition of "this pair takes a step": a factor has a gradient or the pair
         has a full gradient. Missing factor gradients then count as zeros."""
-        return any(t.grad is not None for t in f) or (self.needs_full_grad and self.full_grad(f) is not None)
+        return any(t.grad is not None for t in f) or (self.needs_full_grad and self.has_full_grad(f[0]))
 
     # -- the driver -------------------------------------------------------------------------
     @torch.no_grad()
@@ -230,11 +218,44 @@ class LoRAOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
+        if self.full_grads is not None:
+            self.full_grads.zero_()
+
+    # -- the full gradient (only optimizers with needs_full_grad) -----------------------------
+    def bind_full_grads(self, full_grads: FullGradients) -> None:
+        """Read the full gradients from ``full_grads``, which must hold every pair of the groups."""
         for group in self.param_groups:
-            for f in self.factor_tuples(group):
-                f[0].full_grad = None if set_to_none else getattr(f[0], "full_grad", None)
-                if not set_to_none and f[0].full_grad is not None:
-                    f[0].full_grad.zero_()
+            for a, b in self.factor_tuples(group):
+                if a not in full_grads or full_grads.shape(a) != (b.shape[0], a.shape[1]):
+                    raise ValueError(
+                        f"{type(self).__name__}: the full gradients given do not hold the pair with "
+                        f"A {tuple(a.shape)}, B {tuple(b.shape)}"
+                    )
+        if full_grads.mode != "matrix" and not self.full_grad_energies_only:
+            raise ValueError(f"{type(self).__name__} reads G itself: its full gradients need mode 'matrix'")
+        self.full_grads = full_grads
+
+    def has_full_grad(self, a: torch.Tensor) -> bool:
+        return self.full_grads is not None and self.full_grads.has_grad(a)
+
+    def full_grad(self, a: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        """G (m x n) of the pair whose A is ``a``; a clear error when it was not recorded."""
+        return self._require(self.full_grads.grad(a) if self.full_grads is not None else None, a, shape)
+
+    def full_grad_energies(self, a: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rowsum(G^2), colsum(G^2))`` of the pair whose A is ``a`` (m and n entries)."""
+        found = self.full_grads.energies(a) if self.full_grads is not None else None
+        self._require(found, a, shape)
+        return found
+
+    def _require(self, found, a: torch.Tensor, shape: tuple[int, int]):
+        if found is None:
+            raise RuntimeError(
+                f"{type(self).__name__} needs the full weight gradient dL/dW of every LoRA layer, but "
+                f"the pair with A of shape {tuple(a.shape)} has none: pass full_grads= "
+                f"(mixofshow.optim.full_grad.FullGradients, attached to the layers) to build_optimizer"
+            )
+        return found
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)

@@ -14,7 +14,7 @@ from torch import nn
 
 from mixofshow.concepts.lora import LoRALinear, lora_layers
 
-__all__ = ["lora_param_groups", "enable_full_grad"]
+__all__ = ["lora_param_groups"]
 
 
 def lora_param_groups(
@@ -74,17 +74,3 @@ def _factor_entries(layers: list[LoRALinear]) -> dict[str, list[tuple]]:
     if layers[0].factorization == "ab":
         return {"pairs": [(layer.lora_down, layer.lora_up) for layer in layers]}
     return {"triples": [(layer.lora_U, layer.lora_S, layer.lora_V) for layer in layers]}
-
-
-def enable_full_grad(components: Mapping[str, nn.Module], on: bool = True) -> int:
-    """Switch the full-gradient hook (``G = dy^T x``) of every LoRA layer; returns the layer count.
-
-    Turn it on only for optimizers with ``needs_full_grad``: the hook costs an m x n product per
-    layer and step.
-    """
-    count = 0
-    for module in components.values():
-        for _, layer in lora_layers(module):
-            layer.record_full_grad = on
-            count += 1
-    return count

@@ -5,7 +5,7 @@ Tong Wu, ICLR 2026, https://openreview.net/forum?id=Guo2XGgxZA (RACS: Gong et al
 https://arxiv.org/abs/2502.07752). Reference code (Gitee, sanjin998/lora_s) was not reachable:
 reconstructed from the paper's description.
 
-Per pair, with ``G = dL/dW`` (m x n, read from ``A.full_grad`` and reduced at once)::
+Per pair, with ``G = dL/dW`` (m x n, read from the optimizer's ``FullGradients``)::
 
     q <- EMA_beta(row mean of G^2)  (m),     c <- EMA_beta(column mean of G^2)  (n)
     G~ = diag(q^ + eps)^-1/2 G diag(c^ + eps)^-1/2      (q^, c^ bias-corrected like Adam's v)
@@ -155,7 +155,7 @@ class LRACS(LoRAOptimizer):
         a0, b0 = pairs[0]
         m, n = b0.shape[0], a0.shape[1]
         sdt, dev = compute_dtype(a0.dtype), a0.device
-        grads = [self._full_grad(f, (m, n)) for f in pairs]
+        grads = [self.full_grad(a, (m, n)) for a in a_list]
         row = [state_tensor(s, "row", (m,), sdt, dev) for s in states]
         col = [state_tensor(s, "col", (n,), sdt, dev) for s in states]
         phi = [state_tensor(s, "phi", (1,), sdt, dev) for s in states]

@@ -16,6 +16,8 @@ from typing import Any, Mapping
 
 import torch
 
+from mixofshow.optim.full_grad import FullGradients
+
 __all__ = ["OptimizerSpec", "OPTIMIZERS", "SPECS", "build_optimizer", "check_hparams", "describe", "get_spec"]
 
 
@@ -96,14 +98,27 @@ def get_spec(name: str) -> OptimizerSpec:
         ) from None
 
 
-def build_optimizer(name: str, groups: list[dict[str, Any]], **hparams: Any) -> torch.optim.Optimizer:
-    """Instantiate optimizer ``name`` on LoRA groups, the class defaults overridden by ``hparams``."""
+def build_optimizer(
+    name: str, groups: list[dict[str, Any]], full_grads: FullGradients | None = None, **hparams: Any
+) -> torch.optim.Optimizer:
+    """Instantiate optimizer ``name`` on LoRA groups, the class defaults overridden by ``hparams``.
+
+    ``full_grads``: for optimizers with ``needs_full_grad``, the
+    :class:`~mixofshow.optim.full_grad.FullGradients` the LoRA layers' hooks fill (the training
+    loop's, from ``full_gradients_for``); when None, an unattached one (mode ``"matrix"``) over the
+    groups' pairs, to be filled with ``optimizer.full_grads.set_(A, G)``. Ignored otherwise.
+    """
     spec = get_spec(name)
     _check_keys(spec, hparams)
     try:
-        return spec.cls(groups, **hparams)
+        opt = spec.cls(groups, **hparams)
     except TypeError as err:
         raise ValueError(f"Bad hyper-parameters for optimizer {name!r}: {err}") from None
+    if spec.needs_full_grad:
+        if full_grads is None:
+            full_grads = FullGradients([f for g in opt.param_groups for f in opt.factor_tuples(g)])
+        opt.bind_full_grads(full_grads)
+    return opt
 
 
 def check_hparams(name: str, params: Mapping[str, Any]) -> None:

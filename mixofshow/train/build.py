@@ -24,7 +24,8 @@ from mixofshow.concepts.edlora import EDLoRA, LoRAConfig
 from mixofshow.data import ConceptDataset, collate, load_concept_list
 from mixofshow.models.loading import load_pipeline
 from mixofshow.optim import get_spec
-from mixofshow.optim.groups import enable_full_grad, lora_param_groups
+from mixofshow.optim.full_grad import FullGradients, full_gradients_for
+from mixofshow.optim.groups import lora_param_groups
 from mixofshow.optim.registry import OptimizerSpec, build_optimizer
 from mixofshow.train.config import TrainConfig
 from mixofshow.train.losses import lr_factor
@@ -66,6 +67,7 @@ class Setup:
     optimizer: torch.optim.Optimizer  # the LoRA optimizer of the registry
     emb_optimizer: torch.optim.Optimizer  # AdamW on the concept-token rows
     base_lrs: list[list[float]]  # per optimizer, per group: the configured lr (before the schedule)
+    full_grads: FullGradients | None = None  # G = dL/dW of the LoRA layers, when the optimizer reads it
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
         """Every trainable tensor by name: what a checkpoint stores."""
@@ -147,8 +149,9 @@ def build_run(config: TrainConfig, accelerator: Accelerator) -> Setup:
     groups = [g for g in lora_param_groups(components, lrs) if g.get("pairs") or g.get("triples")]
     if not groups:
         raise ConfigError("lora: both text_encoder and unet are off; nothing to train with the optimizer")
-    enable_full_grad(components, spec.needs_full_grad)
-    optimizer = build_optimizer(spec.name, groups, **config.optimizer.params)
+    # only an optimizer that reads G pays for the hook; the mode depends on the backward passes per step
+    full_grads = full_gradients_for(components, spec.cls, t.gradient_accumulation_steps, accelerator.num_processes)
+    optimizer = build_optimizer(spec.name, groups, full_grads=full_grads, **config.optimizer.params)
     emb_optimizer = torch.optim.AdamW(
         [model.embedding_parameter()], lr=config.optimizer.lr_embedding,
         weight_decay=config.optimizer.weight_decay_embedding,
@@ -156,4 +159,4 @@ def build_run(config: TrainConfig, accelerator: Accelerator) -> Setup:
     optimizer, emb_optimizer = accelerator.prepare(optimizer, emb_optimizer)
     base_lrs = [[g["lr"] for g in o.param_groups] for o in (optimizer, emb_optimizer)]
     return Setup(config, accelerator, spec, pipe, model, DDPMScheduler.from_config(pipe.scheduler.config),
-                 dataset, optimizer, emb_optimizer, base_lrs)
+                 dataset, optimizer, emb_optimizer, base_lrs, full_grads)

@@ -69,7 +69,7 @@ class TrainLoopConfig:
     gradient_accumulation_steps: int = 1
     lr_schedule: Literal["linear", "constant"] = "linear"  # linear: decay to 0 at max_steps
     warmup_steps: int = 0
-    max_grad_norm: float | None = None  # clip the LoRA + embedding gradients (null: off)
+    max_grad_norm: float | None = None  # clip the LoRA + embedding gradients and the full gradient G (null: off)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # fp16 needs CUDA; bf16 works on CPU too
     gradient_checkpointing: bool = False  # trade compute for memory
     noise_offset: float = 0.01  # noise += offset * randn(B, C, 1, 1)

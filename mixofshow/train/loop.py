@@ -26,6 +26,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from mixofshow.concepts.io import save_concept
+from mixofshow.optim.full_grad import clip_grad_norm_, finish_backward_
 from mixofshow.train.build import Setup, build_run, make_accelerator, seeded
 from mixofshow.train.config import TrainConfig, check_config
 from mixofshow.train.finite import NonFiniteError, measure_step
@@ -177,8 +178,9 @@ def _run(setup: Setup, state: RunState, folder: RunFolder, progress, should_stop
                 setup.freeze_embeddings()
                 log.info("concept embeddings reached mean norm %.3f: frozen", limit)
             # 6. clip, step, zero_grad
+            finish_backward_(accelerator, setup.full_grads)  # all-reduce G; undo the fp16 loss scale (grads and G)
             if t.max_grad_norm is not None:
-                accelerator.clip_grad_norm_([p for p in params if p.grad is not None], t.max_grad_norm)
+                clip_grad_norm_(params, setup.full_grads, t.max_grad_norm)  # the norm includes G
             with clock.time(state):
                 setup.optimizer.step()
             if not state.embeddings_frozen:
