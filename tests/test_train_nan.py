@@ -173,3 +173,38 @@ def test_load_fused_refuses_non_finite_tensors(tmp_path):
     save_safetensors(tmp_path / "f.safetensors", tensors, meta.to_strings())
     with pytest.raises(FileFormatError, match=r"tensor 'unet.x.to_q.delta' holds non-finite values \(0 NaN, 1 inf"):
         load_fused(tmp_path / "f.safetensors")
+
+
+def test_a_weight_made_non_finite_by_the_last_update_is_never_saved(tmp_path, small_train_config, monkeypatch):
+    real_build = loop.build_run
+
+    def build(config, accelerator):  # the embedding update of step 2 writes an inf
+        setup = real_build(config, accelerator)
+        real_step, calls = setup.emb_optimizer.step, []
+
+        def step(*args, **kwargs):
+            out = real_step(*args, **kwargs)
+            calls.append(1)
+            if len(calls) == 2:
+                with torch.no_grad():
+                    setup.model.embedding_parameter().view(-1)[0] = float("inf")
+            return out
+
+        setup.emb_optimizer.step = step
+        return setup
+
+    monkeypatch.setattr(loop, "build_run", build)
+    with pytest.raises(NonFiniteError, match=r"step 2: tensor 'embeddings.new' is not finite; no checkpoint written"):
+        loop.train(small_train_config(tmp_path, **{"train.max_steps": 2, "train.checkpoint_every": 1}))
+    run = tmp_path / "run"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000001"]
+    assert not (run / "robot.safetensors").exists()
+    assert "step_000001" in _strict_json(run / "metrics.json")["error"]
+
+
+def test_max_skipped_steps_must_not_be_negative(tmp_path, small_train_config):
+    from mixofshow.utils.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.max_skipped_steps: expected an integer >= 0, got -1"):
+        loop.train(small_train_config(tmp_path, **{"train.max_skipped_steps": -1}))
+    assert not (tmp_path / "run").exists()

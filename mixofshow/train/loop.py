@@ -132,9 +132,15 @@ def _run(setup: Setup, state: RunState, folder: RunFolder, progress, should_stop
 
     def checkpoint() -> Path:
         clock.collect(state, wait=True)
-        result.last_checkpoint = save_run(setup, state)
+        try:
+            path = save_run(setup, state)
+        except NonFiniteError as err:  # the last update made a weight non-finite
+            message = f"{err}. The last finite checkpoint is kept ({result.last_checkpoint}); no concept file was written"
+            write_metrics(out, build_metrics(setup, state, stopped=False, concept_path=None, error=message))
+            raise NonFiniteError(message, err.step) from None
+        result.last_checkpoint = path
         write_metrics(out, build_metrics(setup, state, stopped=False, concept_path=None))
-        return result.last_checkpoint
+        return path
 
     bar = tqdm(total=t.max_steps, initial=state.step, desc=f"train {config.name}",
                disable=not accelerator.is_main_process)
