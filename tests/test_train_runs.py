@@ -36,6 +36,8 @@ def test_a_new_run_into_a_used_folder_is_refused_and_changes_nothing(tmp_path, s
 
 
 def test_overwrite_replaces_the_old_run_and_only_its_files(tmp_path, small_train_config):
+    (tmp_path / "run" / "logs").mkdir(parents=True)  # no run state: not a reason to refuse
+    (tmp_path / "run" / "config.yaml").write_text("name: mine\n")
     train(small_train_config(tmp_path, **{"train.max_steps": 4, "name": "old", "train.checkpoint_every": 1,
                                           "train.keep_checkpoints": 4}))
     run = tmp_path / "run"
