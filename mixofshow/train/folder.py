@@ -9,8 +9,8 @@ A folder holds a run when a run left its state there: ``metrics.json``, a checkp
   has been built, so a config that fails to build leaves the old run as it was;
 - ``resume`` continues from the newest checkpoint, after checking that the resolved config
   matches the one saved in it: every differing key is named. Only the keys of
-  :data:`RESUME_MAY_CHANGE` may differ (``configs/README.md``, "Resuming"). A run that has
-  already finished is left untouched.
+  :data:`RESUME_MAY_CHANGE` may differ (``configs/README.md``, "Run folders and resuming").
+  A run that has already finished is left untouched.
 """
 
 from __future__ import annotations
