@@ -53,7 +53,8 @@ def build_queue_tab(ctx: AppContext):
         except ValueError as err:
             raise gr.Error(str(err)) from None
         return {"id": j.id, "kind": j.kind, "name": j.name, "state": j.state, "progress": j.progress,
-                "run_dir": j.run_dir, "error": j.error, "resume": j.resume, "config": j.config}
+                "run_dir": j.run_dir, "error": j.error, "resume": j.resume, "started": j.started,
+                "finished": j.finished, "config": j.config}
 
     def act(kind):
         def fn(jid):

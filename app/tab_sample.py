@@ -91,7 +91,7 @@ def build_sample_tab(ctx: AppContext):
         with gr.Column(scale=3):
             with gr.Row():
                 concept = gr.Dropdown(_concepts(ctx), label="Concept or fused model", scale=4, allow_custom_value=True)
-                refresh_btn = gr.Button("Refresh", size="sm", scale=1)
+                refresh_btn = gr.Button("Refresh", size="sm", scale=1, elem_id="sample-refresh")
             prompt = gr.Textbox("a photo of <robot1> <robot2>", lines=2, label="Prompts (one per line)")
             negative = gr.Textbox("", label="Negative prompt")
             with gr.Row():
@@ -109,11 +109,11 @@ def build_sample_tab(ctx: AppContext):
                 if not _regions_supported():
                     gr.Markdown("Regional sampling needs the regions feature of `mixofshow.sample`, which this "
                                 "build does not have yet: the preview works, sampling with regions is refused.")
-            submit = gr.Button("Generate", variant="primary")
+            submit = gr.Button("Generate", variant="primary", elem_id="sample-submit")
         with gr.Column(scale=3):
             job = gr.Dropdown(job_choices(ctx, "sample"), label="Sample job", allow_custom_value=True)
             status = gr.Markdown("No sample job yet.")
-            gallery = gr.Gallery(label="Images (caption: parameters)", columns=3, height=360)
+            gallery = gr.Gallery(label="Images (caption: parameters)", columns=3, height=360, elem_id="sample-gallery")
             with gr.Row():
                 zip_btn = gr.Button("Download all (zip)", size="sm")
                 zip_file = gr.File(label="Download", interactive=False)

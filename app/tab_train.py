@@ -77,7 +77,7 @@ def _hp_values(name: str, texts: list[str]) -> dict[str, Any]:
     params: dict[str, Any] = {}
     for key, text in zip(keys, texts):
         try:
-            value = yaml.safe_load(text) if str(text).strip() else None
+            value = yaml.safe_load(str(text)) if text is not None and str(text).strip() else None
         except yaml.YAMLError:
             raise gr.Error(f"optimizer.params.{key}: {text!r} is not a valid value") from None
         default = spec.defaults[key]
@@ -181,18 +181,18 @@ def build_train_tab(ctx: AppContext) -> None:
                 with gr.Row():
                     preset_pick = gr.Dropdown(sorted(p.stem for p in presets_dir.glob("*.yaml")), label="Saved presets")
                     load_preset = gr.Button("Load preset")
-            submit = gr.Button("Queue training", variant="primary")
+            submit = gr.Button("Queue training", variant="primary", elem_id="train-submit")
         with gr.Column(scale=2):
             gr.Markdown("### Job")
             job = gr.Dropdown(job_choices(ctx, "train"), label="Training job", allow_custom_value=True)
-            status = gr.Markdown("No training job yet.")
+            status = gr.Markdown("No training job yet.", elem_id="train-status")
             with gr.Row():
                 stop = gr.Button("Stop (checkpoint)", size="sm")
                 save_now = gr.Button("Save now", size="sm")
                 sample_now = gr.Button("Sample now", size="sm")
                 resume = gr.Button("Resume", size="sm")
             plot = gr.LinePlot(pd.DataFrame({"step": [], "loss": []}), x="step", y="loss", title="Loss", height=220)
-            gallery = gr.Gallery(label="Validation samples (newest first)", columns=3, height=300)
+            gallery = gr.Gallery(label="Validation samples (newest first)", columns=3, height=300, elem_id="train-gallery")
 
     form = [name, words, class_word, base_model, resolution, optimizer, rank, steps, batch, lr_unet, lr_text,
             lr_emb, checkpoint_every, validation_every, prompts]
