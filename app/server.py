@@ -44,18 +44,22 @@ def build_app(ctx: AppContext) -> gr.Blocks:
         with gr.Tabs():
             with gr.Tab("Train", id="train"):
                 optimizer, hp = build_train_tab(ctx)
-            with gr.Tab("Fuse", id="fuse"):
+            with gr.Tab("Fuse", id="fuse") as fuse_tab:
                 fuse_concepts = build_fuse_tab(ctx)
-            with gr.Tab("Sample", id="sample"):
+            with gr.Tab("Sample", id="sample") as sample_tab:
                 sample_concept = build_sample_tab(ctx)
-            with gr.Tab("Runs", id="runs"):
+            with gr.Tab("Runs", id="runs") as runs_tab:
                 run, refresh_runs = build_runs_tab(ctx)
             with gr.Tab("Queue", id="queue"):
                 build_queue_tab(ctx)
         demo.load(lambda n: _hp_updates(n), optimizer, hp, api_visibility="private")
-        demo.load(refresh_runs, run, run, api_visibility="private")
-        demo.load(lambda: gr.update(choices=_concepts(ctx)), None, sample_concept, api_visibility="private")
-        demo.load(lambda: gr.update(choices=_trained(ctx)), None, fuse_concepts, api_visibility="private")
+        # lists of what is on disk: fresh at page load and whenever their tab is opened
+        for event in (demo.load, runs_tab.select):
+            event(refresh_runs, run, run, api_visibility="private")
+        for event in (demo.load, sample_tab.select):
+            event(lambda: gr.update(choices=_concepts(ctx)), None, sample_concept, api_visibility="private")
+        for event in (demo.load, fuse_tab.select):
+            event(lambda: gr.update(choices=_trained(ctx)), None, fuse_concepts, api_visibility="private")
     return demo
 
 

@@ -22,15 +22,23 @@ def _trained(ctx: AppContext) -> list[tuple[str, str]]:
             if r.kind == "train" and r.concept is not None]
 
 
+def _short(ctx: AppContext, file: str) -> str:
+    """A concept file as the table shows it: relative to the runs folder."""
+    try:
+        return str(ctx.path(file).relative_to(ctx.runs_dir.resolve()))
+    except ValueError:
+        return file
+
+
 def build_fuse_tab(ctx: AppContext):
     from mixofshow.fuse.config import METHODS
 
     with gr.Row():
         with gr.Column(scale=3):
-            concepts = gr.CheckboxGroup(_trained(ctx), label="Trained concepts (two or more)")
+            concepts = gr.CheckboxGroup(_trained(ctx), label="Trained concepts (usually two or more)")
             refresh_btn = gr.Button("Refresh list", size="sm")
             weights = gr.Dataframe(pd.DataFrame(columns=_COLUMNS), headers=_COLUMNS, label="Weights per concept",
-                                   interactive=True)
+                                   interactive=True, column_widths=["60%", "20%", "20%"])
             with gr.Row():
                 method = gr.Dropdown(list(METHODS), value="closed-form", label="Method")
                 name = gr.Textbox("fused", label="Fused model name")
@@ -43,7 +51,7 @@ def build_fuse_tab(ctx: AppContext):
 
     def on_pick(files, table):
         old = {row[0]: row for row in (table.values.tolist() if isinstance(table, pd.DataFrame) else table or [])}
-        rows = [old.get(f, [f, 1.0, 1.0]) for f in files or []]
+        rows = [old.get(_short(ctx, f), [_short(ctx, f), 1.0, 1.0]) for f in files or []]
         return pd.DataFrame(rows, columns=_COLUMNS)
 
     concepts.change(on_pick, [concepts, weights], weights, api_visibility="private")
@@ -56,7 +64,7 @@ def build_fuse_tab(ctx: AppContext):
         entries = []
         for file, te, un in rows:
             try:
-                path = ctx.path(file)
+                path = ctx.path(ctx.runs_dir / file)
                 entries.append({"file": str(path), "text_encoder_alpha": float(te), "unet_alpha": float(un)})
             except (TypeError, ValueError) as err:
                 raise gr.Error(f"{file}: {err}") from None
@@ -73,7 +81,7 @@ def build_fuse_tab(ctx: AppContext):
         except ValueError as err:
             raise gr.Error(str(err)) from None
         j = ctx.store.submit("fuse", folder, {"fuse": config}, str(run_dir), ctx.device)
-        gr.Info(f"queued job #{j.id}: fuse {len(entries)} concepts")
+        gr.Info(f"queued job #{j.id}: fuse {len(entries)} concepts", duration=4)
         return gr.update(choices=job_choices(ctx, "fuse"), value=str(j.id)), str(j.id)
 
     submit.click(on_submit, [concepts, weights, method, name], [job, gr.Textbox(visible=False)], api_name="fuse_submit")

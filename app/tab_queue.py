@@ -38,7 +38,7 @@ def build_queue_tab(ctx: AppContext):
                 "worker process: closing this page does not stop them.")
     table = gr.Dataframe(jobs_table(ctx), headers=_COLUMNS, interactive=False, label="Jobs")
     with gr.Row():
-        job_id = gr.Number(label="Job id", precision=0, minimum=1)
+        job_id = gr.Number(None, label="Job id (click a row)", precision=0)
         up = gr.Button("Move up")
         down = gr.Button("Move down")
         cancel = gr.Button("Cancel / stop")
@@ -66,7 +66,7 @@ def build_queue_tab(ctx: AppContext):
                 elif kind == "down":
                     ctx.store.move(int(jid), 1)
                 elif kind == "cancel":
-                    gr.Info(f"job #{int(jid)}: {ctx.store.cancel(int(jid))}")
+                    gr.Info(f"job #{int(jid)}: {ctx.store.cancel(int(jid))}", duration=4)
                 else:
                     ctx.store.resume(int(jid))
             except ValueError as err:

@@ -154,7 +154,7 @@ def build_sample_tab(ctx: AppContext):
             raise gr.Error(str(err)) from None
         run = unique_name(ctx, path.stem, ctx.runs_dir / "samples")
         j = ctx.store.submit("sample", run, {"sample": config}, str(ctx.runs_dir / "samples" / run), ctx.device)
-        gr.Info(f"queued job #{j.id}: {len(config['prompts']) * config['num_images']} images")
+        gr.Info(f"queued job #{j.id}: {len(config['prompts']) * config['num_images']} images", duration=4)
         return gr.update(choices=job_choices(ctx, "sample"), value=str(j.id)), str(j.id)
 
     submit.click(on_submit, [concept, prompt, negative, seed, count, steps, cfg, scheduler, lora_scale, regions],

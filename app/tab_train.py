@@ -19,15 +19,12 @@ import yaml
 from app.context import AppContext, job_choices, job_summary, unique_name
 from app.runs import images_of
 from app.uploads import UploadError, save_concept_upload
+from mixofshow.demo import repo_root
 
-__all__ = ["HP_SLOTS", "build_train_tab", "form_to_config", "repo_root"]
+__all__ = ["HP_SLOTS", "build_train_tab", "form_to_config"]
 
 HP_SLOTS = 8  # hyper-parameter fields (the registry's optimizers have at most 5)
 SOURCES = ("shipped concept", "upload", "concept list file")
-
-
-def repo_root() -> Path:
-    return Path(__file__).resolve().parents[1]
 
 
 def shipped_concepts() -> dict[str, Path]:
@@ -230,7 +227,7 @@ def build_train_tab(ctx: AppContext) -> None:
         data = collect(*values)
         run = unique_name(ctx, data["name"], ctx.runs_dir)
         j = ctx.store.submit("train", data["name"], {"train": data}, str(ctx.runs_dir / run), ctx.device)
-        gr.Info(f"queued job #{j.id}: {run}")
+        gr.Info(f"queued job #{j.id}: {run}", duration=4)
         return gr.update(choices=job_choices(ctx, "train"), value=str(j.id)), str(j.id)
 
     job_id_out = gr.Textbox(visible=False)
@@ -295,7 +292,7 @@ def build_train_tab(ctx: AppContext) -> None:
             try:
                 if kind == "resume":
                     ctx.store.resume(int(job_id))
-                    gr.Info(f"job #{job_id} queued to resume")
+                    gr.Info(f"job #{job_id} queued to resume", duration=4)
                 else:
                     ctx.store.send(int(job_id), kind)
                     gr.Info({"stop": "stopping after a checkpoint", "checkpoint": "saving a checkpoint",

@@ -60,6 +60,14 @@ def test_train_stop_resume_sample_and_export(server):
     assert len(gallery) == 2 and "seed 3" in gallery[0]["caption"] and "seed 4" in gallery[1]["caption"]
     assert "done" in status
 
+    # fuse it (one concept re-solves it); the fused file is a model the Sample tab offers
+    table = {"headers": ["concept file", "text_encoder_alpha", "unet_alpha"],
+             "data": [["robot/robot.safetensors", 1.0, 0.8]], "metadata": None}
+    _, fuse_id = client.predict([], table, "closed-form", "solo", api_name="/fuse_submit")
+    fused = wait_for(client, fuse_id, lambda j: j["state"] in ("done", "failed"))
+    assert fused["state"] == "done", fused
+    assert Path(fused["progress"]["output"]).is_file()
+
     # the Runs tab lists it and exports the concept as kohya (LoRA + embeddings files)
     runs = client.predict(None, api_name="/runs_list")
     files = client.predict(str(Path(info["run_dir"]).parent.parent / "robot"), "kohya", api_name="/runs_export")
@@ -145,3 +153,22 @@ def test_restart_marks_interrupted_and_resumes(tmp_path):
         assert "resumed from" in (Path(info["run_dir"]) / "app.log").read_text()
     finally:
         app.stop()
+
+
+def test_presets_are_the_yaml_the_cli_takes(server):
+    from mixofshow.train.config import load_train_config
+
+    client = server.client()
+    args = train_args("preset-run", 7, optimizer="loraplus")
+    args[-8:] = ["", "", "", "8"]  + [""] * 4  # loraplus: betas, eps, weight_decay, ratio
+    path, _ = client.predict("mine", *args, api_name="/train_save_preset")
+    saved = Path(server.runs_dir / "presets" / "mine.yaml")
+    assert saved.is_file() and Path(path).name == "mine.yaml"
+    config = load_train_config(saved)  # exactly what `mixofshow train PRESET` reads
+    assert config.optimizer.name == "loraplus" and config.optimizer.params == {"ratio": 8}
+    assert config.train.max_steps == 7 and config.concept.words == ["<robot1>", "<robot2>"]
+    values = client.predict("mine", api_name="/train_load_preset")
+    # outputs: source, shipped concept, concept list, then the form (name, words, ...), then the hp fields
+    assert values[:2] == ("shipped concept", "robot") and values[3:5] == ("preset-run", "<robot1> <robot2>")
+    assert values[8] == "loraplus" and values[10] == 7
+    assert values[18 + 3]["label"] == "ratio" and values[18 + 3]["value"] == "8"  # the form for loraplus

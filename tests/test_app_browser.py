@@ -27,7 +27,13 @@ def _shot(page, tmp_path: Path, name: str) -> None:
     out = os.environ.get("MIXOFSHOW_SCREENSHOTS")
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(Path(out) / f"{name}.png"))
+        path = Path(out) / f"{name}.png"
+        page.screenshot(path=str(path))
+        from PIL import Image
+
+        with Image.open(path) as img:  # 256 colours keep the committed PNGs small
+            small = img.convert("RGB").quantize(256)
+        small.save(path, optimize=True)
 
 
 def _fill(page, label: str, value: str) -> None:
@@ -72,6 +78,14 @@ def test_click_through_train_then_sample(tmp_path):
             for tab in ("Fuse", "Runs", "Queue"):
                 page.get_by_role("tab", name=tab).click()
                 page.wait_for_timeout(1500)
+                if tab == "Fuse":  # the trained concept is listed; tick it
+                    page.get_by_label("robot (robot.safetensors)").check()
+                if tab == "Runs":  # the training run, not the newer sample set
+                    page.get_by_label("Run", exact=True).click()
+                    page.get_by_role("option", name="train: robot").click()
+                if tab == "Queue":
+                    _fill(page, "Job id (click a row)", "1")
+                page.wait_for_timeout(2000)
                 _shot(page, tmp_path, tab.lower())
             browser.close()
     finally:
