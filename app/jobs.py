@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Job", "JobStore", "KINDS", "RESUMABLE", "STATES", "TRAIN_COMMANDS"]
+__all__ = ["Job", "JobStore", "KINDS", "RESUMABLE", "STATES", "TRAIN_COMMANDS", "pid_alive"]
 
 KINDS = ("train", "fuse", "sample")
 STATES = ("queued", "running", "done", "failed", "stopped", "interrupted", "cancelled")

@@ -116,6 +116,7 @@ def _sample(store: JobStore, job: Job, shutdown: threading.Event) -> str:
             return "interrupted"
         if "stop" in store.take_commands(job.id):
             return "stopped"
+    store.report(job.id, {"phase": "done", "done": done, "total": total})
     return "done"
 
 
