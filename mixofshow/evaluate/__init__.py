@@ -13,8 +13,8 @@ __all__ = ["evaluate", "compare", "Progress", "Cancelled", "ClipSpec", "CompareR
 
 _WHERE = {
     "evaluate": "scores",
-    "compare": "compare",
-    "CompareResult": "compare",
+    "compare": "comparison",
+    "CompareResult": "comparison",
     "Progress": "progress",
     "Cancelled": "progress",
     "ClipSpec": "clip",
@@ -27,4 +27,6 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'mixofshow.evaluate' has no attribute {name!r}")
     import importlib
 
-    return getattr(importlib.import_module(f"mixofshow.evaluate.{_WHERE[name]}"), name)
+    value = getattr(importlib.import_module(f"mixofshow.evaluate.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value

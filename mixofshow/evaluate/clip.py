@@ -55,7 +55,7 @@ class ClipSpec:
     text_scale: float = 2.5  # CLIP-T = text_scale * max(cos, 0)
     image_scale: float = 1.0  # CLIP-I = image_scale * max(cos, 0)
     seed: int = 0  # seed of random weights
-    cache_dir: str | None = None  # open_clip's download cache (default ~/.cache/clip)
+    cache_dir: str | None = None  # download cache for hub and URL weights (default: HF cache, ~/.cache/clip)
 
 
 class ClipScorer:
@@ -119,7 +119,7 @@ def _cached_file(cfg: dict[str, Any], cache_dir: str | None) -> str | None:
 
         repo, filename = os.path.split(hub)  # as open_clip: "org/repo/" or "org/repo/file"
         for name in [filename] if filename else [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME]:
-            found = try_to_load_from_cache(repo, name)
+            found = try_to_load_from_cache(repo, name, cache_dir=cache_dir)
             if isinstance(found, str):
                 return found
     url = cfg.get("url", "")

@@ -104,7 +104,7 @@ def run_evaluate(args) -> int:
 
 def run_compare(args) -> int:
     from mixofshow.evaluate.clip import ClipSpec
-    from mixofshow.evaluate.compare import compare
+    from mixofshow.evaluate.comparison import compare
 
     prompts = None
     if args.prompts:

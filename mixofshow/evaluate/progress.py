@@ -27,8 +27,13 @@ class Cancelled(Exception):
 
 
 def mean_std(values: Sequence[float | None]) -> dict[str, float | int | None]:
-    """Mean and sample standard deviation (n - 1) of the values that are not None or NaN."""
-    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    """Mean and sample standard deviation (n - 1) of the values that are not None.
+
+    A NaN or infinite value (a diverged run) makes both NaN: it is reported, never dropped.
+    """
+    vals = [float(v) for v in values if v is not None]
+    if any(not math.isfinite(v) for v in vals):
+        return {"mean": math.nan, "std": math.nan, "n": len(vals)}
     return {
         "mean": statistics.fmean(vals) if vals else None,
         "std": statistics.stdev(vals) if len(vals) > 1 else None,

@@ -40,8 +40,10 @@ METRICS = (
 
 
 def _fmt(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None:
         return ""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan"  # a diverged run
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
@@ -73,6 +75,8 @@ def _cell(stats: dict[str, Any], fmt: str) -> str:
     mean, std = stats["mean"], stats["std"]
     if mean is None:
         return "n/a"
+    if not math.isfinite(mean):
+        return "nan (diverged)"
     if fmt == "ms":
         mean, std, fmt = mean * 1000, (std * 1000 if std is not None else None), "{:.2f}"
     return fmt.format(mean) + (f" ± {fmt.format(std)}" if std is not None else "")

@@ -53,7 +53,6 @@ class _Tracker:
         self.done = {p.name: 0 for p in plans}
         self.progress, self.phase, self.workers = progress, phase, max(1, workers)
         self.first: tuple[float, int] | None = None
-        self.finished: set[str] = set()
 
     def __call__(self, run: str, phase: str, step: int, total: int) -> None:
         if phase == "train":
@@ -69,9 +68,9 @@ class _Tracker:
         if self.first is not None and steps_done > self.first[1]:
             rate = (time.perf_counter() - self.first[0]) / (steps_done - self.first[1])
             eta = rate * (sum(self.total.values()) - steps_done) / self.workers
-        runs_done = sum(1 for r in self.done if self.done[r] >= self.total[r]) - (phase == "train" and step >= total)
+        runs_done = sum(1 for r in self.done if self.done[r] >= self.total[r])
         self.progress(Progress(self.phase if phase == "train" else phase, run, step, total,
-                               max(0, runs_done), len(self.total), eta))
+                               runs_done, len(self.total), eta))
 
 
 def _references(config) -> list[Path]:
