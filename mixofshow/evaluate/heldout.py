@@ -10,27 +10,22 @@ the training objective (masked epsilon MSE, ``mixofshow/train/losses.py``), aver
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["HELDOUT_SEED", "heldout_loss"]
+__all__ = ["HELDOUT_SEED", "heldout_loss", "heldout_predictions"]
 
 HELDOUT_SEED = 1_000_000_007  # far from any (seed, step) stream of the training loop
 
 
-def heldout_loss(config, concept_path: str | os.PathLike, draws: int = 16, device: str | None = None,
-                 model=None) -> float:
-    """Mean masked denoising loss of the concept in ``concept_path`` on the config's data.
-
-    ``config`` is the run's :class:`~mixofshow.train.config.TrainConfig`; ``model`` the concept
-    already loaded (an ``EDLoRA`` on its pipeline, moved to ``device``), else it is loaded here.
-    """
+def _draws(config, concept_path, draws: int, device: str | None, model) -> Iterator[tuple]:
+    """(prediction, target, mask or None) of every held-out draw, in order."""
     import torch
     from diffusers import DDPMScheduler
 
     from mixofshow.concepts.edlora import EDLoRA
     from mixofshow.data import ConceptDataset, collate, load_concept_list
     from mixofshow.models.loading import load_pipeline
-    from mixofshow.train.losses import masked_mse
 
     if draws < 1:
         raise ValueError(f"heldout draws must be >= 1, got {draws}")
@@ -52,7 +47,6 @@ def heldout_loss(config, concept_path: str | os.PathLike, draws: int = 16, devic
     was_training = [m.training for m in modules]
     for m in modules:
         m.eval()
-    total = 0.0
     try:
         with torch.no_grad():
             for k in range(draws):
@@ -70,9 +64,26 @@ def heldout_loss(config, concept_path: str | os.PathLike, draws: int = 16, devic
                     target = noise
                 context = model.encoder.encode(batch["prompt"])
                 pred = pipe.unet(noisy.to(pipe.unet.dtype), t, context).sample
-                mask = batch["mask"].to(device) if data.use_masks else None
-                total += float(masked_mse(pred, target, mask))
+                yield pred, target, batch["mask"].to(device) if data.use_masks else None
     finally:
         for m, flag in zip(modules, was_training):
             m.train(flag)
-    return total / draws
+
+
+def heldout_loss(config, concept_path: str | os.PathLike, draws: int = 16, device: str | None = None,
+                 model=None) -> float:
+    """Mean masked denoising loss of the concept in ``concept_path`` on the config's data.
+
+    ``config`` is the run's :class:`~mixofshow.train.config.TrainConfig`; ``model`` the concept
+    already loaded (an ``EDLoRA`` on its pipeline, moved to ``device``), else it is loaded here.
+    """
+    from mixofshow.train.losses import masked_mse
+
+    losses = [float(masked_mse(p, t, m)) for p, t, m in _draws(config, concept_path, draws, device, model)]
+    return sum(losses) / len(losses)
+
+
+def heldout_predictions(config, concept_path: str | os.PathLike, draws: int = 16, device: str | None = None,
+                        model=None) -> list:
+    """The UNet's predictions on the held-out draws (to compare two concepts' denoisers)."""
+    return [p.float().cpu() for p, _, _ in _draws(config, concept_path, draws, device, model)]
