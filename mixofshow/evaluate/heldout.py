@@ -84,6 +84,12 @@ def heldout_loss(config, concept_path: str | os.PathLike, draws: int = 16, devic
 
 
 def heldout_predictions(config, concept_path: str | os.PathLike, draws: int = 16, device: str | None = None,
-                        model=None) -> list:
-    """The UNet's predictions on the held-out draws (to compare two concepts' denoisers)."""
-    return [p.float().cpu() for p, _, _ in _draws(config, concept_path, draws, device, model)]
+                        model=None) -> tuple[float, list]:
+    """(held-out loss, the UNet's predictions on the draws), to compare two concepts' denoisers."""
+    from mixofshow.train.losses import masked_mse
+
+    losses, preds = [], []
+    for p, t, m in _draws(config, concept_path, draws, device, model):
+        losses.append(float(masked_mse(p, t, m)))
+        preds.append(p.float().cpu())
+    return sum(losses) / len(losses), preds

@@ -6,8 +6,8 @@ rates per optimizer come from, in order: the config's ``optimizers:`` table, the
 ``recommended_lr`` (README "Optimizers"), the config's own ``optimizer`` section. The token
 embeddings always train with AdamW at the config's ``lr_embedding`` (the same for all runs).
 
-The ``optimizers:`` table (top level of the training config; ``mixofshow train`` ignores it
-only through ``mixofshow compare``)::
+The ``optimizers:`` table (top level of the training config; only ``mixofshow compare`` reads
+it, ``mixofshow train`` rejects the key; ``configs/README.md``)::
 
     optimizers:
       adamw: {lr_unet: 1.0e-4, lr_text_encoder: 1.0e-5}

@@ -87,7 +87,10 @@ def evaluate(
     samples_dir = Path(samples_dir)
     index = read_index(samples_dir)
     entries = index["images"]
-    classes = concept_classes(index.get("concept"), class_words, where=str(samples_dir / "index.json"))
+    concept = index.get("concept")
+    if concept and not Path(concept).is_file() and (samples_dir / concept).is_file():
+        concept = str(samples_dir / concept)  # recorded relative to where `mixofshow sample` ran
+    classes = concept_classes(concept, class_words, where=str(samples_dir / "index.json"))
     texts = [TEXT_PREFIX + class_text(e["prompt"], classes) for e in entries]
     if isinstance(reference_images, (list, tuple)):
         refs = [Path(p) for p in reference_images]
