@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                 dists.append(d)
                 edists.append(e)
             rows.append((name, steps, fmt(gaps, 4), fmt(pdists), fmt(dists), fmt(edists), statistics.fmean(times)))
-            print(f"{name} {steps} steps: gap {rows[-1][2]}, W distance {rows[-1][3]}", file=sys.stderr)
+            print(f"{name} {steps} steps: gap {rows[-1][2]}, prediction distance {rows[-1][3]}, "
+                  f"W distance {rows[-1][4]}", file=sys.stderr)
 
     print(f"\nteacher: rank {args.rank}, kappa {args.kappa:g}, ||dW_T||_2 = {args.delta_scale:g} ||W0||_2 per layer; "
           f"{args.images} teacher images at {args.resolution} px; lr UNet {args.lr_unet:g}, text {args.lr_text:g} "

@@ -178,3 +178,32 @@ def test_a_diverged_run_is_reported_not_dropped(tmp_path):
     report.write_markdown(summary, {"config": "c", "settings": {}, "clip": "n/a", "dino": "n/a"}, tmp_path / "c.md")
     assert read_csv(tmp_path / "c.csv")[1]["heldout_loss"] == "nan"
     assert "nan (diverged)" in (tmp_path / "c.md").read_text() and "n/a" in (tmp_path / "c.md").read_text()
+
+
+@pytest.mark.slow
+def test_cli_compare_killed_with_sigkill_resumes(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = write_config(tmp_path)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "cmp"
+    cmd = [sys.executable, "-m", "mixofshow", "compare", str(config), "--optimizers", "adamw", "--seeds", "0",
+           "--steps", "6", "--output-dir", str(out), "--clip", "tiny", "--prompts", str(prompts),
+           "--num-images", "1", "--sample-steps", "2", "--heldout-draws", "2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not list(out.glob("runs/*/checkpoints/*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(out.glob("runs/*/checkpoints/*")) and not list(out.glob("runs/*/metrics.json"))
+    seen = []
+    result = compare(config, ["adamw"], seeds=[0], steps=6, output_dir=out, progress=seen.append, **FAST)
+    steps = [p.step for p in seen if p.phase == "train"]
+    assert not result.cancelled and steps[0] > 1 and steps[-1] == 6
