@@ -196,13 +196,18 @@ def test_cli_compare_killed_with_sigkill_resumes(tmp_path):
            "--steps", "6", "--output-dir", str(out), "--clip", "tiny", "--prompts", str(prompts),
            "--num-images", "1", "--sample-steps", "2", "--heldout-draws", "2"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    from mixofshow.train.checkpoint import latest_checkpoint
+
+    def complete() -> bool:  # a checkpoint folder being written is not one yet
+        return any(latest_checkpoint(c) is not None for c in out.glob("runs/*/checkpoints"))
+
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
-    while not list(out.glob("runs/*/checkpoints/*")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
+    while not complete() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert list(out.glob("runs/*/checkpoints/*")) and not list(out.glob("runs/*/metrics.json"))
+    assert complete() and not list(out.glob("runs/*/metrics.json"))
     seen = []
     result = compare(config, ["adamw"], seeds=[0], steps=6, output_dir=out, progress=seen.append, **FAST)
     steps = [p.step for p in seen if p.phase == "train"]
