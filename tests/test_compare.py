@@ -212,3 +212,18 @@ def test_cli_compare_killed_with_sigkill_resumes(tmp_path):
     result = compare(config, ["adamw"], seeds=[0], steps=6, output_dir=out, progress=seen.append, **FAST)
     steps = [p.step for p in seen if p.phase == "train"]
     assert not result.cancelled and steps[0] > 1 and steps[-1] == 6
+
+
+def test_lr_grid_picks_the_lowest_heldout_loss(tmp_path):
+    config = write_config(tmp_path)
+    out = tmp_path / "cmp"
+    result = compare(config, ["adamw"], seeds=[0], steps=1, output_dir=out, lr_grid=[0.5, 4.0], **FAST)
+    grid = {float(p.parent.name[1:]): json.loads((p / "heldout.json").read_text())["loss"]
+            for p in out.glob("grid/*/*")}
+    assert sorted(grid) == [0.5, 4.0]
+    best = min(grid, key=grid.get)
+    row = result.rows[0]
+    base_lr = get_spec("adamw").recommended_lr.get("unet", 1e-4)
+    assert row["lr_unet"] == pytest.approx(base_lr * best) and f"x {best:g} (lr grid)" in row["lr_source"]
+    md = (out / "comparison.md").read_text()
+    assert "Learning-rate grid" in md and md.count("| yes |") == 1

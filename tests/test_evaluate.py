@@ -108,6 +108,17 @@ def test_scores_match_direct_open_clip(samples):
     assert [r["level"] for r in rows].count("image") == 4
 
 
+def test_evaluate_reports_progress_and_can_be_cancelled(samples):
+    from mixofshow.evaluate import Cancelled
+
+    folder, refs = samples
+    seen = []
+    evaluate(folder, refs, ClipSpec("tiny"), device="cpu", progress=seen.append)
+    assert seen[-1].phase == "done" and seen[-1].step == seen[-1].total == 4 + 3
+    with pytest.raises(Cancelled):
+        evaluate(folder, refs, ClipSpec("tiny"), device="cpu", should_stop=lambda: True)
+
+
 def test_weights_file_is_loaded(tmp_path, samples):
     from safetensors.torch import save_file
 
