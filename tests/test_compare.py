@@ -87,6 +87,11 @@ def test_compare_writes_everything_and_rerun_trains_nothing(tmp_path):
     assert read_csv(out / "comparison.csv") == rows
 
 
+def _finished(run: Path) -> bool:
+    metrics = run / "metrics.json"  # written at every checkpoint, "finished" only at the end
+    return metrics.is_file() and bool(json.loads(metrics.read_text()).get("finished"))
+
+
 def _losses(run: Path) -> list[float]:
     return json.loads((run / "compare_losses.json").read_text())["losses"]
 
@@ -107,7 +112,7 @@ def test_killed_and_cancelled_runs_resume(tmp_path):
     with pytest.raises(Killed):
         compare(config, ["adamw"], output_dir=tmp_path / "killed", progress=kill_at_step_3, **kw)
     run = tmp_path / "killed" / "runs" / run_name
-    assert not (run / "metrics.json").exists() and (run / "checkpoints").is_dir()
+    assert not _finished(run) and (run / "checkpoints").is_dir()
     seen = []
     resumed = compare(config, ["adamw"], output_dir=tmp_path / "killed", progress=seen.append, **kw)
     assert [p.step for p in seen if p.phase == "train"] == [3, 4]  # from the checkpoint, not from 0
@@ -207,7 +212,7 @@ def test_cli_compare_killed_with_sigkill_resumes(tmp_path):
         time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert complete() and not list(out.glob("runs/*/metrics.json"))
+    assert complete() and not any(_finished(r) for r in out.glob("runs/*"))
     seen = []
     result = compare(config, ["adamw"], seeds=[0], steps=6, output_dir=out, progress=seen.append, **FAST)
     steps = [p.step for p in seen if p.phase == "train"]
@@ -227,3 +232,18 @@ def test_lr_grid_picks_the_lowest_heldout_loss(tmp_path):
     assert row["lr_unet"] == pytest.approx(base_lr * best) and f"x {best:g} (lr grid)" in row["lr_source"]
     md = (out / "comparison.md").read_text()
     assert "Learning-rate grid" in md and md.count("| yes |") == 1
+
+
+def test_a_diverging_optimizer_is_reported_and_the_others_scored(tmp_path):
+    config = write_config(tmp_path, {"loraplus": {"lr_unet": 1.0e12, "lr_text_encoder": 1.0e12}})
+    out = tmp_path / "cmp"
+    result = compare(config, ["adamw", "loraplus"], seeds=[0], steps=3, output_dir=out, **FAST)
+    status = {r["optimizer"]: r["status"] for r in result.rows}
+    assert status == {"adamw": "done", "loraplus": "diverged"}
+    rows = {r["optimizer"]: r for r in read_csv(out / "comparison.csv")}
+    assert rows["loraplus"]["heldout_loss"] == "nan" and rows["adamw"]["clip_t"] not in ("", "nan")
+    md = (out / "comparison.md").read_text()
+    assert "nan (diverged)" in md and "loraplus seed 0 diverged" in md
+    again = []
+    compare(config, ["adamw", "loraplus"], seeds=[0], steps=3, output_dir=out, progress=again.append, **FAST)
+    assert not [p for p in again if p.phase == "train"]  # a diverged run is not retried

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -105,16 +106,18 @@ def _score(plans, scorer, refs, dino_weights, progress, should_stop) -> None:
                  scorer=scorer, should_stop=should_stop)
 
 
-def _row(plan: RunPlan, clip_info: dict[str, Any] | None) -> dict[str, Any]:
+def _row(plan: RunPlan, clip_info: dict[str, Any] | None, status: str = "done") -> dict[str, Any]:
     out = Path(plan.output_dir)
     metrics, record = read_json(out / "metrics.json"), read_json(out / "compare_losses.json")
     timed = [s for s in record.get("step_seconds", []) if s is not None]
-    scores = read_json(out / "scores.json").get("overall", {}) if clip_info else {}
+    scores = read_json(out / "scores.json").get("overall", {}) if clip_info and status == "done" else {}
+    diverged = status == "diverged"
     row = {
-        "optimizer": plan.optimizer, "seed": plan.seed, "run_dir": str(out), "lr_unet": plan.lr_unet,
+        "optimizer": plan.optimizer, "seed": plan.seed, "status": status, "error": metrics.get("error"),
+        "run_dir": str(out), "lr_unet": plan.lr_unet,
         "lr_text_encoder": plan.lr_text_encoder, "lr_source": plan.lr_source, "steps": metrics.get("steps"),
         "final_loss": metrics.get("final_loss"), "mean_loss_last_10": metrics.get("mean_loss_last_10"),
-        "heldout_loss": read_json(out / "heldout.json").get("loss"),
+        "heldout_loss": math.nan if diverged else read_json(out / "heldout.json").get("loss"),
         "seconds_per_step": metrics.get("seconds_per_step", sum(timed) / len(timed) if timed else None),
         "optimizer_step_seconds": metrics.get("optimizer_step_seconds"),
         "peak_memory_mb": metrics.get("peak_memory_mb"),
@@ -124,14 +127,18 @@ def _row(plan: RunPlan, clip_info: dict[str, Any] | None) -> dict[str, Any]:
     }
     for key in ("clip_t", "clip_t_cos", "clip_i", "clip_i_cos", "dino"):
         row[key] = (scores.get(key) or {}).get("mean")
+    if diverged:
+        row["final_loss"] = math.nan  # metrics.json stores the non-finite loss as null
+        if clip_info:
+            row.update({k: math.nan for k in ("clip_t", "clip_t_cos", "clip_i", "clip_i_cos")})
     return row
 
 
 def _grid_choice(config_path, plans, settings, report, should_stop, jobs, devices, factors):
     """Run the grid; returns (factor per optimizer, grid table rows) or None when cancelled."""
     status = run_all(config_path, plans, settings, report, should_stop, jobs, devices)
-    if any(s != "done" for s in status.values()):
-        return None
+    if any(s == "stopped" for s in status.values()):
+        return None  # a diverged grid run has no held-out loss and is never chosen
     rows, best = [], {}
     for plan, factor in zip(plans, factors):
         loss = read_json(Path(plan.output_dir) / "heldout.json").get("loss")
@@ -229,8 +236,9 @@ def compare(
     plans = run_plan(base, table, optimizers, seeds, steps, out, factors)
     status = run_all(config_path, plans, settings, _Tracker(plans, workers, progress, "train"),
                      should_stop, jobs, devices)
-    if any(s != "done" for s in status.values()):
+    if any(s == "stopped" for s in status.values()):
         return cancelled()
+    finished = [p for p in plans if status[p.name] == "done"]
 
     # 4. scores
     import torch
@@ -239,14 +247,14 @@ def compare(
     scorer, clip_note = _load_scorer(clip, clip_weights, device)
     if scorer is not None:
         try:
-            _score(plans, scorer, _references(base), dino_weights, progress, should_stop)
+            _score(finished, scorer, _references(base), dino_weights, progress, should_stop)
         except Cancelled:
             return cancelled()
-    return _write(out, config_path, base, optimizers, seeds, steps, settings, plans, scorer, clip_note,
+    return _write(out, config_path, base, optimizers, seeds, steps, settings, plans, status, scorer, clip_note,
                   dino_weights, grid_info, progress)
 
 
-def _write(out, config_path, base, optimizers, seeds, steps, settings, plans, scorer, clip_note,
+def _write(out, config_path, base, optimizers, seeds, steps, settings, plans, status, scorer, clip_note,
            dino_weights, grid_info, progress) -> CompareResult:
     from mixofshow.evaluate import report
     from mixofshow.utils.io import atomic_write_text
@@ -254,9 +262,9 @@ def _write(out, config_path, base, optimizers, seeds, steps, settings, plans, sc
     if progress is not None:
         progress(Progress("report", runs_done=len(plans), runs_total=len(plans)))
     clip_info = scorer.info if scorer is not None else None
-    rows = [_row(p, clip_info) for p in plans]
+    rows = [_row(p, clip_info, status[p.name]) for p in plans]
     summary = report.summarise(rows, optimizers)
-    notes = []
+    notes = [f"{r['optimizer']} seed {r['seed']} diverged: {r['error']}" for r in rows if r["status"] == "diverged"]
     if clip_note:
         notes.append(f"CLIP-T, CLIP-I, DINO: n/a. {clip_note}; `--clip tiny` scores with a random "
                      "tiny CLIP (a pipeline check, not a meaningful score)")
@@ -290,7 +298,10 @@ def _write(out, config_path, base, optimizers, seeds, steps, settings, plans, sc
     report.plot_scores(summary, files["scores.png"])
     grid_rows = []
     for name in optimizers:
-        first = next(p for p in plans if p.optimizer == name)
+        first = next((p for p in plans if p.optimizer == name and status[p.name] == "done"), None)
+        if first is None:  # every seed diverged: a grey row
+            grid_rows.append((name, [None] * len(settings.prompts)))
+            continue
         index = read_json(Path(first.output_dir) / "eval_samples" / "index.json").get("images", [])
         by_prompt = {e["prompt"]: e["file"] for e in index if e.get("seed") == settings.seed}
         grid_rows.append((name, [Path(first.output_dir) / "eval_samples" / by_prompt[p] if p in by_prompt else None

@@ -20,7 +20,7 @@ from mixofshow.utils.io import atomic_write_bytes, atomic_write_text
 __all__ = ["CSV_COLUMNS", "METRICS", "summarise", "write_csv", "write_markdown", "plot_losses", "plot_scores", "image_grid"]
 
 CSV_COLUMNS = (
-    "optimizer", "seed", "run_dir", "lr_unet", "lr_text_encoder", "lr_source", "steps",
+    "optimizer", "seed", "status", "run_dir", "lr_unet", "lr_text_encoder", "lr_source", "steps",
     "final_loss", "mean_loss_last_10", "heldout_loss", "seconds_per_step", "optimizer_step_seconds",
     "peak_memory_mb", "clip_t", "clip_t_cos", "clip_i", "clip_i_cos", "dino", "clip_model", "clip_weights",
 )
@@ -127,9 +127,10 @@ def plot_losses(curves: dict[str, list[tuple[int, list[float]]]], path: Path, em
         color = f"C{i % 10}"
         for j, (seed, losses) in enumerate(runs):
             smooth, value = [], None
-            for x in losses:
-                value = x if value is None else ema * value + (1 - ema) * x
-                smooth.append(value)
+            for x in losses:  # None: a skipped step (train.nan_policy: skip-step)
+                if x is not None and math.isfinite(x):
+                    value = x if value is None else ema * value + (1 - ema) * x
+                smooth.append(value if value is not None else math.nan)
             ax.plot(range(1, len(smooth) + 1), smooth, styles[j % len(styles)], color=color,
                     label=f"{name} (seed {seed})", linewidth=1.4)
     ax.set_xlabel("step")

@@ -124,15 +124,24 @@ def _sampled(folder: Path, settings: SampleSettings) -> bool:
 
 def execute_run(config_path: str, plan: RunPlan, settings: SampleSettings, report: Report,
                 should_stop: Callable[[], bool] | None = None) -> str:
-    """Train, sample and measure one run; returns ``"done"`` or ``"stopped"``."""
+    """Train, sample and measure one run; returns ``"done"``, ``"stopped"`` or ``"diverged"``
+    (training hit a NaN / inf and stopped, ``train.nan_policy``; it is reported, not retried)."""
     from mixofshow.utils.io import atomic_write_text
 
     config = _load_config(config_path, plan)
     out = Path(plan.output_dir)
     _check_same_run(out, config)
     if not run_finished(out, plan.steps):
-        if not _train(config, plan, report, should_stop):
-            return "stopped"
+        if read_json(out / "metrics.json").get("error"):
+            return "diverged"  # the same settings fail the same way again (training is deterministic)
+        try:
+            if not _train(config, plan, report, should_stop):
+                return "stopped"
+        except ValueError as err:
+            if type(err).__name__ != "NonFiniteError":  # mixofshow.train.finite (train.nan_policy)
+                raise
+            log.warning("%s diverged: %s", plan.name, err)
+            return "diverged"
     concept = read_json(out / "metrics.json")["concept_path"]
     samples = out / "eval_samples"
     heldout = read_json(out / "heldout.json")
