@@ -30,6 +30,8 @@ class OptimizerSpec:
         reconstructed: True when no public code exists and the update was rebuilt from the paper.
         defaults: hyper-parameters passed to ``cls`` unless overridden.
         factorization: the LoRA layer form it needs: ``"ab"`` or ``"usv"`` (StelLA).
+        recommended_lr: the learning rates the docs recommend, keys ``"unet"`` and
+            ``"text_encoder"`` (empty: use the config's).
     """
 
     name: str
@@ -39,9 +41,11 @@ class OptimizerSpec:
     reconstructed: bool = False
     defaults: Mapping[str, Any] = field(default_factory=dict)
     factorization: str = "ab"
+    recommended_lr: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
+        object.__setattr__(self, "recommended_lr", MappingProxyType(dict(self.recommended_lr)))
 
     @property
     def needs_full_grad(self) -> bool:
