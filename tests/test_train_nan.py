@@ -51,7 +51,7 @@ def test_huge_learning_rate_stops_with_exit_2_and_keeps_the_last_finite_checkpoi
                  "--set", "train.checkpoint_every=1", "--set", "validation.every=-1"])
     err = capsys.readouterr().err
     assert code == 2, err
-    assert re.search(r"error: step \d+: .*(not finite|is nan|is inf)", err), err
+    assert re.search(r"error: step \d+: (loss term 'mse' is (nan|inf)|the gradient of parameter group '\w+' holds NaN)", err), err
     assert "no concept file was written" in err and "Traceback" not in err
     assert not (run / "robot.safetensors").exists()
     checkpoints = sorted((run / "checkpoints").iterdir())
@@ -107,11 +107,14 @@ def test_the_check_names_the_parameter_group_with_a_non_finite_gradient():
     a.grad, b.grad = torch.ones(3), torch.tensor([1.0, float("inf")])
     groups = {"text_encoder": [a], "unet": [b]}
     health = measure_step(torch.tensor(0.5), {"mse": torch.tensor(0.5)}, groups)
-    assert health.problem() == "the gradient of parameter group 'unet' is not finite (norm inf)"
+    assert health.problem() == "the gradient of parameter group 'unet' holds NaN or inf"
     assert measure_step(torch.tensor(0.5), {}, groups, check_grads=False).problem() is None  # fp16: the scaler's
     with torch.no_grad():
         a[0] = float("nan")
-    assert "weights of parameter group 'text_encoder'" in measure_step(torch.tensor(0.5), {}, groups).problem()
+    assert measure_step(torch.tensor(0.5), {}, groups).problem() == "the weights of parameter group 'text_encoder' hold NaN or inf"
+    big = torch.nn.Parameter(torch.full((4,), 1e30))  # finite, although its norm overflows float32
+    big.grad = torch.full((4,), 1e30)
+    assert measure_step(torch.tensor(0.5), {}, {"unet": [big]}).problem() is None
 
 
 def test_metrics_json_is_strict_json(tmp_path):
@@ -173,3 +176,38 @@ def test_load_fused_refuses_non_finite_tensors(tmp_path):
     save_safetensors(tmp_path / "f.safetensors", tensors, meta.to_strings())
     with pytest.raises(FileFormatError, match=r"tensor 'unet.x.to_q.delta' holds non-finite values \(0 NaN, 1 inf"):
         load_fused(tmp_path / "f.safetensors")
+
+
+def test_a_weight_made_non_finite_by_the_last_update_is_never_saved(tmp_path, small_train_config, monkeypatch):
+    real_build = loop.build_run
+
+    def build(config, accelerator):  # the embedding update of step 2 writes an inf
+        setup = real_build(config, accelerator)
+        real_step, calls = setup.emb_optimizer.step, []
+
+        def step(*args, **kwargs):
+            out = real_step(*args, **kwargs)
+            calls.append(1)
+            if len(calls) == 2:
+                with torch.no_grad():
+                    setup.model.embedding_parameter().view(-1)[0] = float("inf")
+            return out
+
+        setup.emb_optimizer.step = step
+        return setup
+
+    monkeypatch.setattr(loop, "build_run", build)
+    with pytest.raises(NonFiniteError, match=r"step 2: tensor 'embeddings.new' is not finite; no checkpoint written"):
+        loop.train(small_train_config(tmp_path, **{"train.max_steps": 2, "train.checkpoint_every": 1}))
+    run = tmp_path / "run"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000001"]
+    assert not (run / "robot.safetensors").exists()
+    assert "step_000001" in _strict_json(run / "metrics.json")["error"]
+
+
+def test_max_skipped_steps_must_not_be_negative(tmp_path, small_train_config):
+    from mixofshow.utils.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.max_skipped_steps: expected an integer >= 0, got -1"):
+        loop.train(small_train_config(tmp_path, **{"train.max_skipped_steps": -1}))
+    assert not (tmp_path / "run").exists()

@@ -36,6 +36,8 @@ def test_a_new_run_into_a_used_folder_is_refused_and_changes_nothing(tmp_path, s
 
 
 def test_overwrite_replaces_the_old_run_and_only_its_files(tmp_path, small_train_config):
+    (tmp_path / "run" / "logs").mkdir(parents=True)  # no run state: not a reason to refuse
+    (tmp_path / "run" / "config.yaml").write_text("name: mine\n")
     train(small_train_config(tmp_path, **{"train.max_steps": 4, "name": "old", "train.checkpoint_every": 1,
                                           "train.keep_checkpoints": 4}))
     run = tmp_path / "run"
@@ -163,3 +165,16 @@ def test_attention_processors_are_chosen_after_the_model_is_on_its_device(tmp_pa
     build.build_run(config, build.make_accelerator(config))
     assert seen and all(seen)  # every processor was chosen after pipe.to(device)
     assert torch.device(moved[0][0]).type == build.make_accelerator(config).device.type
+
+
+def test_a_saved_optimizer_state_that_does_not_fit_is_a_clear_error(tmp_path, small_train_config):
+    from mixofshow.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+    stops = iter([False, True])
+    train(small_train_config(tmp_path), should_stop=lambda: next(stops))
+    path = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    ckpt = load_checkpoint(path, restore_rng=False)
+    ckpt.state["optimizer"]["param_groups"] = ckpt.state["optimizer"]["param_groups"][:1]  # stale: a group short
+    save_checkpoint(path.parent, ckpt.step, ckpt.trainable, {k: v for k, v in ckpt.state.items() if k != "rng"})
+    with pytest.raises(ConfigError, match=r"step_000001: the saved optimizer state does not fit this run"):
+        train(small_train_config(tmp_path), resume=True)

@@ -5,7 +5,7 @@ One home for what training, sampling, validation, fusion and export all need to 
 - the name of a pipeline's base model (:func:`base_model_name`) and whether two recorded names
   mean the same model (:func:`same_base_model`; the embedded model answers to two names);
 - the ``format`` strings in the metadata of the project's files (:data:`CONCEPT_FORMAT`,
-  :data:`FUSED_FORMAT`; see ``README.md``);
+  :data:`FUSED_FORMAT`);
 - the sample-time LoRA scale (:func:`set_lora_scale`);
 - putting a pipeline into sampling state and back (:func:`sampling_state`): eval mode, an optional
   LoRA scale, and on exit the train/eval modes and LoRA scales it had before.

@@ -136,10 +136,16 @@ def _check_optimizer(optimizer: OptimizerConfig) -> None:
         raise ValueError(f"optimizer.params.{err}") from None
 
 
-def load_train_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Read a YAML training config; relative paths in it are taken relative to the file."""
+def load_train_config(
+    path: str | os.PathLike, overrides: dict[str, Any] | None = None, ignore: tuple[str, ...] = ()
+) -> TrainConfig:
+    """Read a YAML training config; relative paths in it are taken relative to the file.
+
+    Top-level keys named in ``ignore`` belong to another reader (``mixofshow compare`` reads
+    ``optimizers``) and are skipped.
+    """
     path = Path(path)
-    data = load_yaml(path)
+    data = {k: v for k, v in load_yaml(path).items() if k not in ignore}
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")

@@ -1,10 +1,10 @@
 """NaN safety of a training step: one fused check of the loss terms, gradients and weights.
 
-Before every optimizer step the loop measures, on the device, the loss (and each loss term), the
-gradient norm of each parameter group and the norm of each group's weights, stacks them into one
-vector and copies it to the host once: that single synchronisation also gives the loss for the
-logs. A NaN or an infinity anywhere makes its norm non-finite, so the vector says which term or
-group went wrong without a host sync per tensor.
+Before every optimizer step the loop reduces, on the device, the loss (and each loss term) and,
+per parameter group, whether every gradient and every weight is finite (``isfinite().all()``:
+unlike a norm it cannot overflow on large but finite values), stacks them into one vector and
+copies it to the host once: that single synchronisation also gives the loss for the logs. The
+vector says which term or group went wrong without a host sync per tensor.
 
 What happens then is ``train.nan_policy`` (``configs/README.md``): ``stop`` raises
 :class:`NonFiniteError` (the CLI exits 2), ``skip-step`` drops that step's update and goes on, up
@@ -39,14 +39,14 @@ class StepHealth:
 
     loss: float
     terms: dict[str, float] = field(default_factory=dict)  # loss term -> value (summed over micro-batches)
-    grad_norms: dict[str, float] = field(default_factory=dict)  # parameter group -> gradient norm
-    weight_norms: dict[str, float] = field(default_factory=dict)  # parameter group -> weight norm
+    grads_finite: dict[str, bool] = field(default_factory=dict)  # parameter group -> all gradients finite
+    weights_finite: dict[str, bool] = field(default_factory=dict)  # parameter group -> all weights finite
     extra: dict[str, float] = field(default_factory=dict)  # other scalars measured in the same sync
 
     def weights_problem(self) -> str | None:
-        for name, value in self.weight_norms.items():
-            if not math.isfinite(value):
-                return f"the weights of parameter group {name!r} are not finite (norm {value})"
+        for name, finite in self.weights_finite.items():
+            if not finite:
+                return f"the weights of parameter group {name!r} hold NaN or inf"
         return None
 
     def problem(self) -> str | None:
@@ -59,9 +59,9 @@ class StepHealth:
                 return f"loss term {name!r} is {value}"
         if not math.isfinite(self.loss):
             return f"the loss is {self.loss}"
-        for name, value in self.grad_norms.items():
-            if not math.isfinite(value):
-                return f"the gradient of parameter group {name!r} is not finite (norm {value})"
+        for name, finite in self.grads_finite.items():
+            if not finite:
+                return f"the gradient of parameter group {name!r} holds NaN or inf"
         return None
 
 
@@ -81,16 +81,22 @@ def measure_step(
         grads = [p.grad for p in params if p.grad is not None]
         if check_grads and grads:
             grad_names.append(name)
-            values.append(torch.nn.utils.get_total_norm(grads).float())
-    values += [torch.nn.utils.get_total_norm([p.detach() for p in params]).float()
-               for params in groups.values()]
+            values.append(_all_finite(grads))
+    values += [_all_finite(params) for params in groups.values()]
     values += [t.detach().float().reshape(()) for t in extra.values()]
     device = values[0].device
     host = torch.stack([v.to(device) for v in values]).tolist()  # the one host sync of the step
     it = iter(host)
     health = StepHealth(loss=next(it))
     health.terms = {name: next(it) for name in terms}
-    health.grad_norms = {name: next(it) for name in grad_names}
-    health.weight_norms = {name: next(it) for name in groups}
+    health.grads_finite = {name: next(it) == 1.0 for name in grad_names}
+    health.weights_finite = {name: next(it) == 1.0 for name in groups}
     health.extra = {name: next(it) for name in extra}
     return health
+
+
+def _all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """1.0 when every element of every tensor is finite, else 0.0 (a device scalar, no sync)."""
+    if not tensors:
+        return torch.ones(())
+    return torch.stack([torch.isfinite(t.detach()).all() for t in tensors]).all().float()

@@ -1,15 +1,16 @@
 """A run folder belongs to one run: refuse to mix runs, replace one, or check a resume against it.
 
-A folder holds a run when it has any of the run's files: ``config.yaml``, ``metrics.json``,
-``checkpoints/``, ``logs/``, ``samples/`` or the concept file ``<name>.safetensors``. Then
+A folder holds a run when a run left its state there: ``metrics.json``, a checkpoint in
+``checkpoints/`` or the concept file ``<name>.safetensors``; the run's files are those and
+``config.yaml``, ``logs/``, ``samples/``. Then
 
 - a new run is refused (the error says how to continue it or replace it);
 - ``overwrite`` removes exactly those files (nothing else in the folder) -- after the new run
   has been built, so a config that fails to build leaves the old run as it was;
 - ``resume`` continues from the newest checkpoint, after checking that the resolved config
   matches the one saved in it: every differing key is named. Only the keys of
-  :data:`RESUME_MAY_CHANGE` may differ (``configs/README.md``, "Resuming"). A run that has
-  already finished is left untouched.
+  :data:`RESUME_MAY_CHANGE` may differ (``configs/README.md``, "Run folders and resuming").
+  A run that has already finished is left untouched.
 """
 
 from __future__ import annotations
@@ -98,9 +99,16 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
 
 
 def _run_files(out: Path, names: set[str]) -> list[Path]:
-    found = [out / n for n in _RUN_FILES if (out / n).exists()]
-    found += [out / f"{n}.safetensors" for n in sorted(names) if (out / f"{n}.safetensors").exists()]
-    return found
+    """The run's files in ``out``; none unless a run left state there (checkpoints, metrics, a concept).
+
+    ``config.yaml``, ``logs/`` and ``samples/`` alone are not a run's state (nothing to resume,
+    and they may be the user's own), so they are neither a reason to refuse nor ever removed alone.
+    """
+    concepts = [out / f"{n}.safetensors" for n in sorted(names) if (out / f"{n}.safetensors").is_file()]
+    has_state = (out / "metrics.json").is_file() or latest_checkpoint(out / "checkpoints") is not None or concepts
+    if not has_state:
+        return []
+    return [out / n for n in _RUN_FILES if (out / n).exists()] + concepts
 
 
 def _saved_names(out: Path) -> set[str]:

@@ -132,77 +132,78 @@ def _run(setup: Setup, state: RunState, folder: RunFolder, progress, should_stop
 
     def checkpoint() -> Path:
         clock.collect(state, wait=True)
-        result.last_checkpoint = save_run(setup, state)
+        try:
+            path = save_run(setup, state)
+        except NonFiniteError as err:  # the last update made a weight non-finite
+            message = (f"{err}. The last finite checkpoint is kept ({result.last_checkpoint}); "
+                       "no concept file was written")
+            write_metrics(out, build_metrics(setup, state, stopped=False, concept_path=None, error=message))
+            raise NonFiniteError(message, err.step) from None
+        result.last_checkpoint = path
         write_metrics(out, build_metrics(setup, state, stopped=False, concept_path=None))
-        return result.last_checkpoint
+        return path
 
     bar = tqdm(total=t.max_steps, initial=state.step, desc=f"train {config.name}",
                disable=not accelerator.is_main_process)
     setup.pipe.unet.train(), setup.pipe.text_encoder.train()
-    for step in range(state.step, t.max_steps):
-        # 1. the caller's requests, between steps
-        wanted = _requests(commands, should_stop)
-        if "validate" in wanted:
-            report("validate", run_validation(model, config, step, accelerator.device))
-        if "checkpoint" in wanted or "stop" in wanted:
-            report("checkpoint", checkpoint())
-        if "stop" in wanted:
-            result.stopped = True
-            report("stopped", result.last_checkpoint)
-            break
-        # 2. learning rate; rank dropout draws from the global RNG, seeded per step
-        tick = time.perf_counter()
-        lr = setup.set_lr(step)
-        torch.manual_seed(seeded(config.seed, 3, step).initial_seed())
-        # 3. forward / backward over the micro-batches
-        loss_sum, term_sums = torch.zeros((), device=accelerator.device), {}
-        for micro in range(t.gradient_accumulation_steps):
-            batch = setup.micro_batch(step, micro)
-            gen = seeded(config.seed, 4, step, micro)
-            loss, terms = edlora_loss(model, setup.noise_scheduler, batch, gen, options, accelerator.autocast())
-            accelerator.backward(loss / t.gradient_accumulation_steps)
-            loss_sum = loss_sum + loss.detach() / t.gradient_accumulation_steps
-            for name, term in terms.items():
-                term_sums[name] = term_sums.get(name, 0.0) + term.detach() / t.gradient_accumulation_steps
-        # 4. one check of loss terms, gradients and weights: the step's only host sync
-        health = measure_step(loss_sum, term_sums, groups, check_grads, {"norm": model.concept_mean_norm()})
-        clock.collect(state)
-        problem = health.problem()
-        if problem is not None:
-            _skip_or_stop(setup, state, result, step, problem, weights=health.weights_problem() is not None)
-        else:
-            # 5. freeze the embeddings once their mean norm reaches concept.freeze_norm (Mix-of-Show)
-            limit = config.concept.freeze_norm
-            if limit is not None and not state.embeddings_frozen and health.extra["norm"] >= limit:
-                state.embeddings_frozen = True
-                setup.freeze_embeddings()
-                log.info("concept embeddings reached mean norm %.3f: frozen", limit)
-            # 6. clip, step, zero_grad
-            finish_backward_(accelerator, setup.full_grads)  # all-reduce G; undo the fp16 loss scale (grads and G)
-            if t.max_grad_norm is not None:
-                clip_grad_norm_(params, setup.full_grads, t.max_grad_norm)  # the norm includes G
-            with clock.time(state):
-                setup.optimizer.step()
-            if not state.embeddings_frozen:
-                setup.emb_optimizer.step()
-        setup.optimizer.zero_grad(set_to_none=True)
-        setup.emb_optimizer.zero_grad(set_to_none=True)
-        # 7. bookkeeping, logs, validation, checkpoints
-        state.step = done = step + 1
-        state.losses.append(None if problem else health.loss)
-        state.timed_steps += 1
-        state.step_seconds += time.perf_counter() - tick
-        bar.update(1)
-        if problem is None:
-            bar.set_postfix(loss=f"{health.loss:.4f}", lr=f"{lr:.2e}")
-            if t.log_every and done % t.log_every == 0:
-                accelerator.log({"loss": health.loss, "lr": lr, "embedding_norm": health.extra["norm"]}, step=done)
-        report("train")
-        if config.validation.every > 0 and done % config.validation.every == 0 and done < t.max_steps:
-            report("validate", run_validation(model, config, done, accelerator.device))
-        if t.checkpoint_every and done % t.checkpoint_every == 0 and done < t.max_steps:
-            report("checkpoint", checkpoint())
-    bar.close()
+    try:
+        for step in range(state.step, t.max_steps):
+            # 1. the caller's requests, between steps
+            wanted = _requests(commands, should_stop)
+            if "validate" in wanted:
+                report("validate", run_validation(model, config, step, accelerator.device))
+            if "checkpoint" in wanted or "stop" in wanted:
+                report("checkpoint", checkpoint())
+            if "stop" in wanted:
+                result.stopped = True
+                report("stopped", result.last_checkpoint)
+                break
+            # 2. learning rate; rank dropout draws from the global RNG, seeded per step
+            tick = time.perf_counter()
+            lr = setup.set_lr(step)
+            torch.manual_seed(seeded(config.seed, 3, step).initial_seed())
+            # 3. forward / backward over the micro-batches (gradients accumulate)
+            loss, terms = _forward_backward(setup, step, options)
+            # 4. one check of loss terms, gradients and weights: the step's only host sync
+            health = measure_step(loss, terms, groups, check_grads, {"norm": model.concept_mean_norm()})
+            clock.collect(state)
+            problem = health.problem()
+            if problem is not None:
+                _skip_or_stop(setup, state, result, step, problem, weights=health.weights_problem() is not None)
+            else:
+                # 5. freeze the embeddings once their mean norm reaches concept.freeze_norm (Mix-of-Show)
+                limit = config.concept.freeze_norm
+                if limit is not None and not state.embeddings_frozen and health.extra["norm"] >= limit:
+                    state.embeddings_frozen = True
+                    setup.freeze_embeddings()
+                    log.info("concept embeddings reached mean norm %.3f: frozen", limit)
+                # 6. clip, step, zero_grad
+                finish_backward_(accelerator, setup.full_grads)  # all-reduce G; undo the fp16 loss scale (grads and G)
+                if t.max_grad_norm is not None:
+                    clip_grad_norm_(params, setup.full_grads, t.max_grad_norm)  # the norm includes G
+                with clock.time(state):
+                    setup.optimizer.step()
+                if not state.embeddings_frozen:
+                    setup.emb_optimizer.step()
+            setup.optimizer.zero_grad(set_to_none=True)
+            setup.emb_optimizer.zero_grad(set_to_none=True)
+            # 7. bookkeeping, logs, validation, checkpoints
+            state.step = done = step + 1
+            state.losses.append(None if problem else health.loss)
+            state.timed_steps += 1
+            state.step_seconds += time.perf_counter() - tick
+            bar.update(1)
+            if problem is None:
+                bar.set_postfix(loss=f"{health.loss:.4f}", lr=f"{lr:.2e}")
+                if t.log_every and done % t.log_every == 0:
+                    accelerator.log({"loss": health.loss, "lr": lr, "embedding_norm": health.extra["norm"]}, step=done)
+            report("train")
+            if config.validation.every > 0 and done % config.validation.every == 0 and done < t.max_steps:
+                report("validate", run_validation(model, config, done, accelerator.device))
+            if t.checkpoint_every and done % t.checkpoint_every == 0 and done < t.max_steps:
+                report("checkpoint", checkpoint())
+    finally:
+        bar.close()
 
     if not result.stopped:
         checkpoint()
@@ -216,6 +217,22 @@ def _run(setup: Setup, state: RunState, folder: RunFolder, progress, should_stop
     result.finished = bool(result.metrics["finished"])
     write_metrics(out, result.metrics)
     return result
+
+
+def _forward_backward(setup: Setup, step: int, options: LossOptions) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Backward of every micro-batch of ``step``; returns the loss and its terms averaged over them."""
+    config, accelerator = setup.config, setup.accelerator
+    n = config.train.gradient_accumulation_steps
+    loss_sum, term_sums = torch.zeros((), device=accelerator.device), {}
+    for micro in range(n):
+        batch = setup.micro_batch(step, micro)
+        gen = seeded(config.seed, 4, step, micro)
+        loss, terms = edlora_loss(setup.model, setup.noise_scheduler, batch, gen, options, accelerator.autocast())
+        accelerator.backward(loss / n)
+        loss_sum = loss_sum + loss.detach() / n
+        for name, term in terms.items():
+            term_sums[name] = term_sums.get(name, 0.0) + term.detach() / n
+    return loss_sum, term_sums
 
 
 def _requests(commands, should_stop) -> set[str]:

@@ -180,7 +180,10 @@ def _finite_losses(losses: list[float | None]) -> list[float]:
 def build_metrics(
     setup: Setup, state: RunState, *, stopped: bool, concept_path: Path | None, error: str | None = None
 ) -> dict[str, Any]:
-    """The ``metrics.json`` document of the run as it stands (see README, "Training")."""
+    """The ``metrics.json`` document of the run as it stands.
+
+    Its keys are listed in ``configs/README.md``, "Run folders and resuming".
+    """
     config = setup.config
     finite = _finite_losses(state.losses)
     last_10 = finite[-10:]

@@ -1,0 +1,96 @@
+"""The Runs tab: every run in the runs folder (made by the app or the CLI) with its config,
+metrics, samples and log, and downloads of the concept (safetensors, diffusers or kohya layout,
+written by ``mixofshow.concepts.export``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from app.context import AppContext
+from app.runs import images_of, list_runs, read_text
+
+__all__ = ["build_runs_tab", "export_concept"]
+
+FORMATS = ("safetensors", "diffusers", "kohya")
+
+
+def export_concept(ctx: AppContext, concept: Path, fmt: str) -> list[str]:
+    """The files to download for ``concept`` in ``fmt`` (exports go to ``<run>/exports/``)."""
+    from mixofshow.concepts.export import export_diffusers_lora, export_kohya_lora
+
+    if fmt == "safetensors":
+        return [str(concept)]
+    out = concept.parent / "exports" / f"{concept.stem}.{fmt}.safetensors"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lora, emb = (export_diffusers_lora if fmt == "diffusers" else export_kohya_lora)(concept, out)
+    return [str(p) for p in (lora, emb) if p is not None]
+
+
+def build_runs_tab(ctx: AppContext):
+    with gr.Row():
+        run = gr.Dropdown([], label="Run", scale=4, allow_custom_value=True)
+        refresh_btn = gr.Button("Refresh", size="sm", scale=1)
+    with gr.Row():
+        with gr.Column():
+            summary = gr.Markdown("")
+            metrics = gr.JSON(label="metrics.json / index.json")
+            plot = gr.LinePlot(pd.DataFrame({"step": [], "loss": []}), x="step", y="loss", title="Loss", height=200)
+            with gr.Row():
+                fmt = gr.Radio(list(FORMATS), value="safetensors", label="Concept file format")
+                export_btn = gr.Button("Download concept")
+            files = gr.File(label="Files", file_count="multiple", interactive=False)
+        with gr.Column():
+            config = gr.Code(label="Config", language="yaml")
+            gallery = gr.Gallery(label="Samples", columns=4, height=260)
+            logs = gr.Textbox(label="Log (app.log)", lines=8, max_lines=8)
+
+    def choices():
+        return [(r.label, str(r.path)) for r in list_runs(ctx.runs_dir)]
+
+    def on_refresh(current):
+        c = choices()
+        return gr.update(choices=c, value=current if current in [v for _, v in c] else (c[0][1] if c else None))
+
+    refresh_btn.click(on_refresh, run, run, api_name="runs_list")
+
+    def show(path):
+        if not path:
+            return "No run selected.", None, pd.DataFrame({"step": [], "loss": []}), "", [], ""
+        try:
+            folder = ctx.path(path)
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
+        info = next((r for r in list_runs(ctx.runs_dir) if r.path.resolve() == folder), None)
+        if info is None:
+            raise gr.Error(f"{path}: no run there any more")
+        cfg = read_text(folder / "config.yaml") or read_text(folder / "app_request.yaml")
+        losses = info.metrics.get("losses") if isinstance(info.metrics.get("losses"), list) else []
+        frame = pd.DataFrame({"step": list(range(1, len(losses) + 1)), "loss": losses})
+        text = f"**{info.label}**  \nfolder: `{folder}`  \nconcept: `{info.concept or '-'}`"
+        shown = {k: v for k, v in info.metrics.items() if k not in ("losses", "images")}
+        if info.kind == "samples":
+            shown["images"] = len(info.metrics.get("images", []))
+        imgs = [(str(p), p.name) for p in images_of(folder, limit=40)]
+        return text, json.loads(json.dumps(shown)), frame, cfg, imgs, read_text(folder / "app.log")
+
+    run.change(show, run, [summary, metrics, plot, config, gallery, logs], api_name="runs_show")
+
+    def on_export(path, kind):
+        if not path:
+            raise gr.Error("pick a run first")
+        info = next((r for r in list_runs(ctx.runs_dir) if r.path.resolve() == ctx.path(path)), None)
+        if info is None or info.concept is None:
+            raise gr.Error("this run has no concept file (yet)")
+        if info.kind == "fused" and kind != "safetensors":
+            raise gr.Error("a fused model downloads as its .safetensors file (diffusers/kohya export is for concepts)")
+        try:
+            return export_concept(ctx, info.concept, kind)
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
+
+    export_btn.click(on_export, [run, fmt], files, api_name="runs_export")
+    return run, on_refresh

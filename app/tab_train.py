@@ -1,0 +1,309 @@
+"""The Train tab: a form that builds the YAML ``mixofshow train`` takes, and a live job monitor.
+
+The form's values are merged into the loaded preset (or ``configs/example.yaml``), so keys the
+form does not show survive; "Save preset" writes exactly the YAML the CLI reads
+(``configs/README.md`` documents every key). The monitor reads the job store and the run
+folder once a second: progress, ETA, the loss curve, validation images as they are written.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+import yaml
+
+from app.context import AppContext, job_choices, job_summary, unique_name
+from app.runs import images_of
+from app.uploads import UploadError, save_concept_upload
+from mixofshow.demo import repo_root
+
+__all__ = ["HP_SLOTS", "build_train_tab", "form_to_config"]
+
+HP_SLOTS = 8  # hyper-parameter fields (the registry's optimizers have at most 5)
+SOURCES = ("shipped concept", "upload", "concept list file")
+
+
+def shipped_concepts() -> dict[str, Path]:
+    return {p.stem: p for p in sorted((repo_root() / "datasets" / "concepts").glob("*.json"))}
+
+
+def base_config() -> dict[str, Any]:
+    """configs/example.yaml with its relative paths made absolute."""
+    path = repo_root() / "configs" / "example.yaml"
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return _absolute(data, path.parent)
+
+
+def _absolute(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    for section, key in (("data", "concept_list"), ("validation", "prompts_file")):
+        value = (data.get(section) or {}).get(key)
+        if value and not Path(value).is_absolute():
+            data[section][key] = str((base / value).resolve())
+    return data
+
+
+def _hp_updates(name: str, params: dict[str, Any] | None = None) -> list:
+    from mixofshow.optim.registry import get_spec
+
+    defaults = dict(get_spec(name).defaults)
+    values = {**defaults, **(params or {})}
+    keys = list(values)[:HP_SLOTS]
+    out = []
+    for i in range(HP_SLOTS):
+        if i < len(keys):
+            v = values[keys[i]]
+            out.append(gr.update(label=keys[i], value=yaml.safe_dump(list(v) if isinstance(v, tuple) else v,
+                                                                     default_flow_style=True).strip().removesuffix("\n..."),
+                                 visible=True, info=f"default {defaults.get(keys[i], '-')}"))
+        else:
+            out.append(gr.update(label=f"hp{i}", value="", visible=False))
+    return out
+
+
+def _hp_values(name: str, texts: list[str]) -> dict[str, Any]:
+    """The non-default hyper-parameters from the form (YAML values), checked by the registry."""
+    from mixofshow.optim import registry
+
+    spec = registry.get_spec(name)
+    keys = list(spec.defaults)[:HP_SLOTS]
+    params: dict[str, Any] = {}
+    for key, text in zip(keys, texts):
+        try:
+            value = yaml.safe_load(str(text)) if text is not None and str(text).strip() else None
+        except yaml.YAMLError:
+            raise gr.Error(f"optimizer.params.{key}: {text!r} is not a valid value") from None
+        default = spec.defaults[key]
+        if value is None:
+            continue
+        if (list(default) if isinstance(default, tuple) else default) != value:
+            params[key] = value
+    check = getattr(registry, "check_hparams", None)  # contract 2 (issue 9), when it has landed
+    if check is not None:
+        try:
+            check(name, params)
+        except ValueError as err:
+            raise gr.Error(f"optimizer.params.{err}") from None
+    return params
+
+
+def form_to_config(base: dict[str, Any] | None, concept_list: str, name: str, words: str, class_word: str,
+                   base_model: str, resolution, optimizer: str, params: dict[str, Any], rank, steps, batch,
+                   lr_unet, lr_text, lr_emb, checkpoint_every, validation_every, prompts: str) -> dict[str, Any]:
+    """The training YAML (as a dict) for the form's values on top of ``base``."""
+    data = copy.deepcopy(base or base_config())
+    word_list = words.split()
+    if not word_list or not all(w.startswith("<") and w.endswith(">") for w in word_list):
+        raise gr.Error(f"concept words {words!r}: expected words like <robot1> <robot2>")
+    if not name.strip():
+        raise gr.Error("name: give the run a name")
+    data["name"] = name.strip()
+    data["base_model"] = base_model.strip() or "embedded"
+    d = data.setdefault("data", {})
+    d.update(concept_list=concept_list, replace_mapping={"<TOK>": " ".join(word_list)}, resolution=int(resolution))
+    c = data.setdefault("concept", {})
+    c.update(words=word_list, class_words={word_list[-1]: class_word.strip()} if class_word.strip() else {})
+    data.setdefault("lora", {})["rank"] = int(rank)
+    o = data.setdefault("optimizer", {})
+    o.update(name=optimizer, lr_unet=float(lr_unet), lr_text_encoder=float(lr_text), lr_embedding=float(lr_emb),
+             params=params)
+    t = data.setdefault("train", {})
+    t.update(max_steps=int(steps), batch_size=int(batch), checkpoint_every=int(checkpoint_every))
+    t.pop("device", None)  # the worker's device
+    v = data.setdefault("validation", {})
+    v["every"] = int(validation_every)
+    lines = [p.strip() for p in prompts.splitlines() if p.strip()]
+    if lines:
+        v["prompts"], v["prompts_file"] = lines, None
+    data.pop("output_dir", None)  # the app chooses the run folder
+    from mixofshow.train.config import TrainConfig
+    from mixofshow.utils.config import from_dict
+
+    try:
+        from_dict(TrainConfig, copy.deepcopy(data), where="training form")
+    except ValueError as err:
+        raise gr.Error(str(err)) from None
+    return data
+
+
+def build_train_tab(ctx: AppContext) -> None:
+    from mixofshow.optim.registry import SPECS
+
+    shipped = shipped_concepts()
+    example = base_config()
+    presets_dir = ctx.runs_dir / "presets"
+    with gr.Row():
+        with gr.Column(scale=3):
+            gr.Markdown("### Concept")
+            source = gr.Radio(list(SOURCES), value=SOURCES[0], label="Training images")
+            concept = gr.Dropdown(list(shipped), value="robot" if "robot" in shipped else None, label="Shipped concept")
+            with gr.Group(visible=False) as upload_box:
+                images = gr.File(file_count="multiple", file_types=["image"], label="Images (PNG/JPEG/WEBP)")
+                captions = gr.File(file_count="multiple", file_types=[".txt"], label="Captions (optional; NAME.txt, <TOK> = the concept)")
+                masks = gr.File(file_count="multiple", file_types=["image"], label="Masks (optional; NAME.png, white = subject)")
+            concept_list = gr.Textbox(label="Concept-list JSON on the server", visible=False)
+            with gr.Row():
+                name = gr.Textbox(example["name"], label="Run name")
+                words = gr.Textbox(" ".join(example["concept"]["words"]), label="Concept words")
+                class_word = gr.Textbox("robot", label="Class word (initialises the last word)")
+            with gr.Row():
+                base_model = gr.Textbox("embedded", label="Base model (embedded, hub id, folder or .safetensors)")
+                resolution = gr.Number(example["data"]["resolution"], label="Resolution", precision=0)
+            gr.Markdown("### Optimizer")
+            optimizer = gr.Dropdown(sorted(SPECS), value="adamw", label="LoRA optimizer")
+            with gr.Row():
+                hp = [gr.Textbox(label=f"hp{i}", visible=False, min_width=120) for i in range(HP_SLOTS)]
+            with gr.Row():
+                rank = gr.Number(4, label="Rank", precision=0)
+                steps = gr.Number(example["train"]["max_steps"], label="Steps", precision=0)
+                batch = gr.Number(1, label="Batch size", precision=0)
+                checkpoint_every = gr.Number(20, label="Checkpoint every", precision=0)
+            with gr.Row():
+                lr_unet = gr.Number(1e-4, label="LR UNet")
+                lr_text = gr.Number(1e-5, label="LR text encoder")
+                lr_emb = gr.Number(1e-3, label="LR embeddings")
+                validation_every = gr.Number(20, label="Validate every (0: end, -1: never)", precision=0)
+            prompts = gr.Textbox("a photo of <robot1> <robot2>", lines=2,
+                                 label="Validation prompts (one per line)")
+            preset_base = gr.State(None)
+            with gr.Accordion("Presets (the YAML `mixofshow train` takes)", open=False):
+                with gr.Row():
+                    preset_name = gr.Textbox("my-preset", label="Preset name")
+                    save_preset = gr.Button("Save preset")
+                preset_file = gr.File(label="Preset YAML (download, or drop one here to load it)", file_types=[".yaml", ".yml"])
+                with gr.Row():
+                    preset_pick = gr.Dropdown(sorted(p.stem for p in presets_dir.glob("*.yaml")), label="Saved presets")
+                    load_preset = gr.Button("Load preset")
+            submit = gr.Button("Queue training", variant="primary", elem_id="train-submit")
+        with gr.Column(scale=2):
+            gr.Markdown("### Job")
+            job = gr.Dropdown(job_choices(ctx, "train"), label="Training job", allow_custom_value=True)
+            status = gr.Markdown("No training job yet.", elem_id="train-status")
+            with gr.Row():
+                stop = gr.Button("Stop (checkpoint)", size="sm")
+                save_now = gr.Button("Save now", size="sm")
+                sample_now = gr.Button("Sample now", size="sm")
+                resume = gr.Button("Resume", size="sm")
+            plot = gr.LinePlot(pd.DataFrame({"step": [], "loss": []}), x="step", y="loss", title="Loss", height=220)
+            gallery = gr.Gallery(label="Validation samples (newest first)", columns=3, height=300, elem_id="train-gallery")
+
+    form = [name, words, class_word, base_model, resolution, optimizer, rank, steps, batch, lr_unet, lr_text,
+            lr_emb, checkpoint_every, validation_every, prompts]
+
+    def on_source(choice):
+        return (gr.update(visible=choice == SOURCES[0]), gr.update(visible=choice == SOURCES[1]),
+                gr.update(visible=choice == SOURCES[2]))
+
+    source.change(on_source, source, [concept, upload_box, concept_list], api_visibility="private")
+    optimizer.change(lambda n: _hp_updates(n), optimizer, hp, api_visibility="private")
+
+    def resolve_concept(src, shipped_name, imgs, caps, msks, listed) -> str:
+        if src == SOURCES[0]:
+            if shipped_name not in shipped:
+                raise gr.Error(f"shipped concept {shipped_name!r}: pick one of {', '.join(shipped)}")
+            return str(shipped[shipped_name])
+        if src == SOURCES[1]:
+            try:
+                return str(save_concept_upload(imgs, caps, msks, ctx.runs_dir / "uploads"))
+            except UploadError as err:
+                raise gr.Error(str(err)) from None
+        if not listed or not Path(listed).is_file():
+            raise gr.Error(f"concept list {listed!r}: no such file on the server")
+        return listed
+
+    def collect(base, src, shipped_name, imgs, caps, msks, listed, *values):
+        form_values, hp_texts = values[: len(form)], values[len(form):]
+        params = _hp_values(form_values[5], list(hp_texts))
+        return form_to_config(base, resolve_concept(src, shipped_name, imgs, caps, msks, listed), *form_values[:5],
+                              form_values[5], params, *form_values[6:])
+
+    inputs = [preset_base, source, concept, images, captions, masks, concept_list, *form, *hp]
+
+    def on_submit(*values):
+        data = collect(*values)
+        run = unique_name(ctx, data["name"], ctx.runs_dir)
+        j = ctx.store.submit("train", data["name"], {"train": data}, str(ctx.runs_dir / run), ctx.device)
+        gr.Info(f"queued job #{j.id}: {run}", duration=4)
+        return gr.update(choices=job_choices(ctx, "train"), value=str(j.id)), str(j.id)
+
+    job_id_out = gr.Textbox(visible=False)
+    submit.click(on_submit, inputs, [job, job_id_out], api_name="train_submit")
+
+    def on_save(preset, *values):
+        data = collect(*values)
+        safe = unique_name(ctx, preset or "preset", presets_dir).removesuffix(".yaml")
+        path = presets_dir / f"{safe}.yaml"
+        presets_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+        return str(path), gr.update(choices=sorted(p.stem for p in presets_dir.glob("*.yaml")), value=safe)
+
+    save_preset.click(on_save, [preset_name, *inputs], [preset_file, preset_pick], api_name="train_save_preset")
+
+    def fill_from(path) -> list:
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError, UnicodeDecodeError) as err:
+            raise gr.Error(f"{Path(path).name}: not a readable YAML preset ({err})") from None
+        if not isinstance(data, dict) or "data" not in data or "concept" not in data:
+            raise gr.Error(f"{Path(path).name}: not a training config (expected data: and concept: sections)")
+        base = Path(path).parent if Path(path).parent == presets_dir else repo_root() / "configs"
+        data = _absolute(data, base)
+        cl = data["data"].get("concept_list", "")
+        match = [k for k, v in shipped.items() if str(v) == str(Path(cl).resolve())]
+        c, o, t, v = data["concept"], data.get("optimizer", {}), data.get("train", {}), data.get("validation", {})
+        cw = next(iter(c.get("class_words", {}).values()), "")
+        updates = [data, SOURCES[0] if match else SOURCES[2], match[0] if match else None, cl,
+                   data.get("name", "concept"), " ".join(c.get("words", [])), cw or "", data.get("base_model", "embedded"),
+                   data["data"].get("resolution", 512), o.get("name", "adamw"), data.get("lora", {}).get("rank", 4),
+                   t.get("max_steps", 1000), t.get("batch_size", 1), o.get("lr_unet", 1e-4),
+                   o.get("lr_text_encoder", 1e-5), o.get("lr_embedding", 1e-3), t.get("checkpoint_every", 100),
+                   v.get("every", 0), "\n".join(v.get("prompts", []))]
+        return updates + _hp_updates(o.get("name", "adamw"), o.get("params") or {})
+
+    fill_outputs = [preset_base, source, concept, concept_list, *form, *hp]
+    preset_file.upload(fill_from, preset_file, fill_outputs, api_name="train_load_preset_file")
+    load_preset.click(lambda n: fill_from(presets_dir / f"{n}.yaml"), preset_pick, fill_outputs, api_name="train_load_preset")
+
+    def refresh(job_id):
+        choices = job_choices(ctx, "train")
+        if not job_id and choices:
+            job_id = choices[0][1]
+        if not job_id:
+            return gr.update(choices=choices), "No training job yet.", pd.DataFrame({"step": [], "loss": []}), []
+        j = ctx.store.get(int(job_id))
+        points = ctx.store.losses(j.id)
+        frame = pd.DataFrame({"step": [s for s, _ in points], "loss": [l for _, l in points]})
+        imgs = [(str(p), p.parent.name if p.parent.name.startswith("scale") else p.name)
+                for p in images_of(Path(j.run_dir) / "samples", limit=24)]
+        return gr.update(choices=choices, value=str(j.id)), job_summary(j), frame, imgs
+
+    monitor = [job, status, plot, gallery]
+    gr.Timer(1.0).tick(refresh, job, monitor, api_visibility="private", show_progress="hidden")
+    job.change(refresh, job, monitor, api_visibility="private", show_progress="hidden")
+
+    def command(kind):
+        def fn(job_id):
+            if not job_id:
+                raise gr.Error("pick a training job first")
+            try:
+                if kind == "resume":
+                    ctx.store.resume(int(job_id))
+                    gr.Info(f"job #{job_id} queued to resume", duration=4)
+                else:
+                    ctx.store.send(int(job_id), kind)
+                    gr.Info({"stop": "stopping after a checkpoint", "checkpoint": "saving a checkpoint",
+                             "validate": "sampling validation images"}[kind])
+            except ValueError as err:
+                raise gr.Error(str(err)) from None
+            return job_id
+        return fn
+
+    stop.click(command("stop"), job, job_id_out, api_name="train_stop")
+    save_now.click(command("checkpoint"), job, job_id_out, api_name="train_save_now")
+    sample_now.click(command("validate"), job, job_id_out, api_name="train_sample_now")
+    resume.click(command("resume"), job, job_id_out, api_name="train_resume")
+    return optimizer, hp

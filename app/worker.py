@@ -1,0 +1,200 @@
+"""The job worker: a separate process that runs queued jobs one at a time on one device.
+
+The web server starts it (``python -m app.worker --runs-dir DIR --device DEV --parent PID``) and
+only talks to it through the job store (``app/jobs.py``), so a closed browser tab never stops a
+job (Gradio cancels an event's generator when its page disconnects; nothing here runs in one).
+When the server goes away (its pid changes under us) or the worker gets SIGTERM / SIGINT, a
+running training job is asked to stop at the next step (which writes a checkpoint) and is
+recorded as ``interrupted``, ready to resume; a hard deadline then ends the process anyway.
+
+Each job logs to ``<run folder>/app.log``. The worker drives the library only:
+``mixofshow.train.loop.train``, ``mixofshow.fuse.run.fuse_concepts``,
+``mixofshow.sample.pipeline.iter_samples``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from app.jobs import Job, JobStore
+
+__all__ = ["main", "run_job", "run_worker"]
+
+log = logging.getLogger("app.worker")
+
+_REPORT_EVERY = 0.5  # seconds between progress writes while training
+_SHUTDOWN_GRACE = 20.0  # seconds a running job gets to checkpoint after the server died
+
+
+
+def _train(store: JobStore, job: Job, shutdown: threading.Event) -> str:
+    from mixofshow.train.config import load_train_config
+    from mixofshow.train.loop import train
+
+    run_dir = Path(job.run_dir)
+    request = run_dir / "app_request.yaml"
+    if not request.is_file():  # first start; a resume keeps the file it started with
+        from mixofshow.utils.io import atomic_write_text
+
+        atomic_write_text(request, yaml.safe_dump(job.config["train"], sort_keys=False))
+    config = load_train_config(request, {"output_dir": str(run_dir), "train.device": job.device})
+    clock = {"t0": time.perf_counter(), "step0": None, "last": 0.0}
+    pending: list[tuple[int, float]] = []
+    state: dict[str, Any] = {}
+
+    def progress(p) -> None:
+        now = time.perf_counter()
+        if clock["step0"] is None:
+            clock["step0"], clock["t0"] = (p.step - 1 if p.phase == "train" else p.step), now
+        if p.phase == "train" and p.loss is not None:
+            pending.append((p.step, float(p.loss)))
+        done = p.step - clock["step0"]
+        rate = (now - clock["t0"]) / done if done > 0 else None
+        state.update(step=p.step, max_steps=p.max_steps, loss=p.loss, lr=p.lr, phase=p.phase,
+                     seconds_per_step=rate, eta=rate * (p.max_steps - p.step) if rate else None)
+        if p.path:
+            state[f"last_{p.phase}"] = p.path
+        if p.phase != "train" or now - clock["last"] >= _REPORT_EVERY or p.step == p.max_steps:
+            store.report(job.id, dict(state), list(pending))
+            pending.clear()
+            clock["last"] = now
+
+    def commands() -> list[str]:
+        requests = store.take_commands(job.id)
+        return requests + ["stop"] if shutdown.is_set() else requests
+
+    result = train(config, progress=progress, resume=job.resume, commands=commands)
+    store.report(job.id, dict(state, concept=str(result.concept_path) if result.concept_path else None),
+                 list(pending))
+    if result.stopped:
+        return "interrupted" if shutdown.is_set() else "stopped"
+    return "done"
+
+
+def _fuse(store: JobStore, job: Job, shutdown: threading.Event) -> str:
+    from mixofshow.fuse.config import FuseConfig
+    from mixofshow.fuse.run import fuse_concepts
+    from mixofshow.utils.config import from_dict
+
+    config = from_dict(FuseConfig, dict(job.config["fuse"], device=job.device), where=f"job #{job.id}")
+    store.report(job.id, {"phase": "fusing", "concepts": len(config.concepts)})
+    outcome = fuse_concepts(config, progress=False)
+    store.report(job.id, {"phase": "done", "output": str(outcome.output), "seconds": round(outcome.seconds, 2)})
+    return "done"
+
+
+def _sample(store: JobStore, job: Job, shutdown: threading.Event) -> str:
+    import torch
+
+    from mixofshow.models.loading import load_pipeline
+    from mixofshow.sample.load import load_adapter
+    from mixofshow.sample.pipeline import SampleConfig, check_inputs, iter_samples
+
+    c = dict(job.config["sample"])
+    config = SampleConfig(**c, output_dir=job.run_dir)
+    check_inputs(config)
+    total = len(config.prompts) * config.num_images
+    store.report(job.id, {"phase": "loading", "done": 0, "total": total})
+    pipe = load_pipeline(config.base_model)
+    adapter = load_adapter(pipe, config.concept, lora_scale=config.lora_scale)
+    pipe.to(torch.device(job.device))
+    done = 0
+    for _ in iter_samples(pipe, adapter.encoder, config, progress=False):
+        done += 1
+        store.report(job.id, {"phase": "sampling", "done": done, "total": total})
+        if shutdown.is_set():
+            return "interrupted"
+        if "stop" in store.take_commands(job.id):
+            return "stopped"
+    store.report(job.id, {"phase": "done", "done": done, "total": total})
+    return "done"
+
+
+_RUNNERS = {"train": _train, "fuse": _fuse, "sample": _sample}
+
+
+def run_job(store: JobStore, job: Job, shutdown: threading.Event | None = None) -> str:
+    """Run one claimed job to its end; records and returns its final state."""
+    shutdown = shutdown or threading.Event()
+    run_dir = Path(job.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "app.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    error = None
+    try:
+        log.info("job #%d (%s %s) starts on %s%s", job.id, job.kind, job.name, job.device,
+                 " (resume)" if job.resume else "")
+        state = _RUNNERS[job.kind](store, job, shutdown)
+    except (ValueError, FileNotFoundError) as err:  # the user's config or files: say what is wrong
+        log.error("job #%d failed: %s", job.id, err)
+        state, error = "failed", str(err)
+    except Exception as err:  # a bug: keep the traceback in the run's log
+        log.error("job #%d crashed:\n%s", job.id, traceback.format_exc())
+        state, error = "failed", f"internal error ({type(err).__name__}: {err}); the traceback is in {handler.baseFilename}"
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+    store.finish(job.id, state, error)
+    log.info("job #%d: %s", job.id, state)
+    return state
+
+
+def run_worker(runs_dir: str | os.PathLike, device: str, parent: int | None = None, poll: float = 0.5) -> None:
+    """Claim and run jobs for ``device`` until the parent process (the web server) is gone."""
+    store = JobStore(Path(runs_dir) / "jobs.sqlite")
+    shutdown = threading.Event()
+
+    def on_signal(signum, frame) -> None:
+        shutdown.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    def watchdog() -> None:
+        while not shutdown.is_set():
+            if parent is not None and os.getppid() != parent:
+                log.warning("the app server is gone: stopping the running job")
+                shutdown.set()
+            time.sleep(0.2)
+        time.sleep(_SHUTDOWN_GRACE)
+        log.error("the running job did not stop within %.0f s; exiting", _SHUTDOWN_GRACE)
+        os._exit(1)
+
+    threading.Thread(target=watchdog, daemon=True, name="watchdog").start()
+    log.info("worker %d serves %s on %s", os.getpid(), runs_dir, device)
+    while not shutdown.is_set():
+        job = store.claim(device, os.getpid())
+        if job is None:
+            time.sleep(poll)
+            continue
+        run_job(store, job, shutdown)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m app.worker", description="the app's job worker")
+    p.add_argument("--runs-dir", required=True)
+    p.add_argument("--device", required=True)
+    p.add_argument("--parent", type=int, help="exit when this process (the web server) is gone")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from mixofshow.utils.memory import tune_cpu_allocator
+
+    tune_cpu_allocator()
+    run_worker(args.runs_dir, args.device, args.parent)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,174 @@
+"""The web app through gradio_client against a launched server (embedded model, loopback only):
+train, stop and resume, sample, fuse, the file route, a client that disconnects mid-training,
+and a server killed mid-job."""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.app_helpers import AppServer, job, train_args, wait_for
+
+pytest.importorskip("gradio_client")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("app") / "runs"
+    app = AppServer(runs)
+    yield app
+    app.stop()
+
+
+def _submit(client, *args, **kwargs) -> int:
+    _, job_id = client.predict(*train_args(*args, **kwargs), api_name="/train_submit")
+    return int(job_id)
+
+
+def test_train_stop_resume_sample_and_export(server):
+    client = server.client()
+    job_id = _submit(client, "robot", 40, checkpoint_every=0)
+    info = wait_for(client, job_id, lambda j: j["state"] == "running" and (j["progress"].get("step") or 0) >= 2)
+    client.predict(str(job_id), api_name="/train_save_now")
+    client.predict(str(job_id), api_name="/train_stop")
+    info = wait_for(client, job_id, lambda j: j["state"] in ("stopped", "done", "failed"))
+    assert info["state"] == "stopped", info
+    stopped_at = info["progress"]["step"]
+    assert 2 <= stopped_at < 40
+    ckpts = sorted((Path(info["run_dir"]) / "checkpoints").iterdir())
+    assert len(ckpts) >= 1  # "save now" and the stop each wrote one (keep_checkpoints prunes)
+
+    client.predict(str(job_id), api_name="/train_resume")
+    info = wait_for(client, job_id, lambda j: j["state"] in ("done", "failed"))
+    assert info["state"] == "done", info
+    assert info["progress"]["step"] == 40 and info["resume"] is True
+    concept = Path(info["progress"]["concept"])
+    assert concept.is_file() and concept.parent == Path(info["run_dir"])
+    log = (Path(info["run_dir"]) / "app.log").read_text()
+    assert f"resumed from" in log and "checkpoint" in log
+
+    # sample the concept, 2 seeds; the gallery lists both with their parameters
+    _, sample_id = client.predict(str(concept), "a photo of <robot1> <robot2>", "", 3, 2, 2, 7.5, "dpm", 1.0, "",
+                               api_name="/sample_submit")
+    info = wait_for(client, sample_id, lambda j: j["state"] in ("done", "failed"))
+    assert info["state"] == "done", info
+    _, status, gallery = client.predict(str(sample_id), api_name="/sample_refresh")
+    assert len(gallery) == 2 and "seed 3" in gallery[0]["caption"] and "seed 4" in gallery[1]["caption"]
+    assert "done" in status
+
+    # fuse it (one concept re-solves it); the fused file is a model the Sample tab offers
+    table = {"headers": ["concept file", "text_encoder_alpha", "unet_alpha"],
+             "data": [["robot/robot.safetensors", 1.0, 0.8]], "metadata": None}
+    _, fuse_id = client.predict([], table, "closed-form", "solo", api_name="/fuse_submit")
+    fused = wait_for(client, fuse_id, lambda j: j["state"] in ("done", "failed"))
+    assert fused["state"] == "done", fused
+    assert Path(fused["progress"]["output"]).is_file()
+
+    # the Runs tab lists it and exports the concept as kohya (LoRA + embeddings files)
+    runs = client.predict(None, api_name="/runs_list")
+    files = client.predict(str(Path(info["run_dir"]).parent.parent / "robot"), "kohya", api_name="/runs_export")
+    names = sorted(Path(f).name for f in files)
+    assert names == ["robot.kohya.embeddings.safetensors", "robot.kohya.safetensors"], names
+    assert runs is not None
+
+
+def test_user_errors_are_messages_not_tracebacks(server):
+    from gradio_client.exceptions import AppError
+
+    client = server.client()
+    args = train_args("bad", 4)
+    args[7] = "robot1"  # concept words without <...>
+    with pytest.raises(AppError, match="concept words 'robot1'"):
+        client.predict(*args, api_name="/train_submit")
+    with pytest.raises(AppError, match="not inside the app's runs folder"):
+        client.predict("/etc/passwd", "x", "", 0, 1, 2, 7.5, "dpm", 1.0, "", api_name="/sample_submit")
+    with pytest.raises(AppError, match="no job #9999"):
+        client.predict(9999, api_name="/queue_cancel")
+
+
+def test_file_route_serves_only_the_runs_folder(server):
+    inside = server.runs_dir / "presets" / "probe.yaml"
+    inside.parent.mkdir(parents=True, exist_ok=True)
+    inside.write_text("probe: 1\n")
+    ok = urllib.request.urlopen(f"{server.url}gradio_api/file={inside}", timeout=10)
+    assert ok.status == 200 and ok.read() == b"probe: 1\n"
+    for outside in ("/etc/passwd", str(Path(__file__).resolve()), str(server.runs_dir.parent / f"app-{server.port}.log")):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"{server.url}gradio_api/file={outside}", timeout=10)
+        assert err.value.code in (403, 404), outside
+
+
+def test_a_disconnected_client_loses_nothing(server):
+    first = server.client()
+    job_id = _submit(first, "reload", 12)
+    wait_for(first, job_id, lambda j: j["state"] == "running")
+    first.close()  # the browser tab goes away mid-training
+    second = server.client()
+    info = job(second, job_id)
+    assert info["state"] in ("running", "done")
+    info = wait_for(second, job_id, lambda j: j["state"] in ("done", "failed"))
+    assert info["state"] == "done" and info["progress"]["step"] == 12
+
+
+@pytest.mark.slow
+def test_queue_waits_reorders_and_cancels(server):
+    client = server.client()
+    running = _submit(client, "q-run", 30)
+    wait_for(client, running, lambda j: j["state"] == "running")
+    a, b, c = (_submit(client, f"q-{n}", 2) for n in "abc")
+    table, _ = client.predict(c, api_name="/queue_up")  # c before b
+    queued = [row[0] for row in table["data"] if row[3] == "queued"]
+    assert queued == [a, c, b]
+    client.predict(b, api_name="/queue_cancel")
+    assert job(client, b)["state"] == "cancelled"
+    client.predict(running, api_name="/queue_cancel")  # a running training: stop after a checkpoint
+    wait_for(client, running, lambda j: j["state"] == "stopped")
+    done = [wait_for(client, j, lambda i: i["state"] in ("done", "failed")) for j in (a, c)]
+    assert [d["state"] for d in done] == ["done", "done"]
+    assert job(client, a)["started"] < job(client, c)["started"]  # the queue order, c moved ahead of b
+
+
+@pytest.mark.slow
+def test_restart_marks_interrupted_and_resumes(tmp_path):
+    runs = tmp_path / "runs"
+    app = AppServer(runs)
+    try:
+        client = app.client()
+        job_id = _submit(client, "crash", 60)
+        wait_for(client, job_id, lambda j: (j["progress"].get("step") or 0) >= 3)
+    finally:
+        app.kill()  # SIGKILL: no clean shutdown of the server
+    app = AppServer(runs)  # waits for the old worker, then marks the job
+    try:
+        client = app.client()
+        info = job(client, job_id)
+        assert info["state"] == "interrupted", info
+        client.predict(str(job_id), api_name="/train_resume")
+        info = wait_for(client, job_id, lambda j: j["state"] in ("done", "failed"))
+        assert info["state"] == "done" and info["progress"]["step"] == 60, info
+        assert "resumed from" in (Path(info["run_dir"]) / "app.log").read_text()
+    finally:
+        app.stop()
+
+
+def test_presets_are_the_yaml_the_cli_takes(server):
+    from mixofshow.train.config import load_train_config
+
+    client = server.client()
+    args = train_args("preset-run", 7, optimizer="loraplus")
+    args[-8:] = ["", "", "", "8"]  + [""] * 4  # loraplus: betas, eps, weight_decay, ratio
+    path, _ = client.predict("mine", *args, api_name="/train_save_preset")
+    saved = Path(server.runs_dir / "presets" / "mine.yaml")
+    assert saved.is_file() and Path(path).name == "mine.yaml"
+    config = load_train_config(saved)  # exactly what `mixofshow train PRESET` reads
+    assert config.optimizer.name == "loraplus" and config.optimizer.params == {"ratio": 8}
+    assert config.train.max_steps == 7 and config.concept.words == ["<robot1>", "<robot2>"]
+    values = client.predict("mine", api_name="/train_load_preset")
+    # outputs: source, shipped concept, concept list, then the form (name, words, ...), then the hp fields
+    assert values[:2] == ("shipped concept", "robot") and values[3:5] == ("preset-run", "<robot1> <robot2>")
+    assert values[8] == "loraplus" and values[10] == 7
+    assert values[18 + 3]["label"] == "ratio" and values[18 + 3]["value"] == "8"  # the form for loraplus

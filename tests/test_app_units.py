@@ -1,0 +1,133 @@
+"""The app's parts without a server: binding rules, the job store, upload validation, regions."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from app.command import check_bind, parse_auth
+from app.jobs import JobStore
+from app.uploads import LIMITS, UploadError, UploadLimits, check_image, save_concept_upload
+from mixofshow.cli import main
+
+
+def test_non_loopback_needs_auth(capsys):
+    assert main(["app", "--host", "0.0.0.0"]) == 2
+    assert "refusing to serve the app beyond this machine without a login" in capsys.readouterr().err
+    assert main(["app", "--host", "127.0.0.1", "--auth", "nopassword"]) == 2
+    check_bind("127.0.0.1", None), check_bind("::1", None), check_bind("localhost", None)
+    check_bind("0.0.0.0", parse_auth("alice:secret"))
+    with pytest.raises(ValueError, match="--host 192.168.1.5"):
+        check_bind("192.168.1.5", None)
+
+
+def test_app_command_imports_no_gradio():
+    import subprocess
+    import sys
+
+    code = "import sys, app.command; print('gradio' in sys.modules, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_store_queue_order_cancel_resume_recover(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite")
+    a, b, c = (store.submit("train", n, {"train": {}}, str(tmp_path / n), "cpu").id for n in "abc")
+    store.move(c, -2)
+    assert [j.id for j in store.jobs() if j.state == "queued"] == [c, a, b]
+    assert store.cancel(a) == "cancelled"
+    first = store.claim("cpu", os.getpid())
+    assert first.id == c and store.claim("cpu", os.getpid()) is None  # one job per device
+    store.send(c, "checkpoint"), store.send(c, "validate")
+    assert store.take_commands(c) == ["checkpoint", "validate"] and store.take_commands(c) == []
+    with pytest.raises(ValueError, match="unknown command 'pause'"):
+        store.send(c, "pause")
+    with pytest.raises(ValueError, match="is cancelled"):
+        store.cancel(a)
+    store.report(c, {"step": 2}, [(1, 0.5), (2, 0.4)])
+    store.report(c, {"step": 2}, [(2, 0.3)])  # a resumed run repeats steps after its checkpoint
+    assert store.losses(c) == [(1, 0.5), (2, 0.3)]
+    # the worker died with the app: a dead pid makes the job interrupted, and it can resume
+    with store._connect() as db:
+        db.execute("UPDATE jobs SET worker_pid = ? WHERE id = ?", (2**22 + 12345, c))
+    assert store.recover(wait=0) == [c]
+    assert store.get(c).state == "interrupted"
+    resumed = store.resume(c)
+    assert resumed.state == "queued" and resumed.resume
+    with pytest.raises(ValueError, match="only stopped, interrupted, failed"):
+        store.resume(b)
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG whose header claims width x height pixels (a decompression-bomb shape)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+def test_uploads_are_checked_by_content_size_and_pixels(tmp_path):
+    good = tmp_path / "cat.jpg"
+    Image.new("RGB", (32, 24), "red").save(good, format="PNG")  # the name lies; the content decides
+    assert check_image(good).size == (32, 24)
+    fake = tmp_path / "evil.png"
+    fake.write_bytes(b"#!/bin/sh\necho hi\n")
+    with pytest.raises(UploadError, match="evil.png: not an image"):
+        check_image(fake)
+    bomb = tmp_path / "bomb.png"
+    _png_header_only(bomb, 30000, 30000)
+    with pytest.raises(UploadError, match="bomb.png: 30000x30000 pixels|bomb.png: too many pixels"):
+        check_image(bomb)
+    truncated = tmp_path / "cut.png"
+    Image.new("RGB", (64, 64), "blue").save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:60])
+    with pytest.raises(UploadError, match="cut.png"):
+        check_image(truncated)
+    with pytest.raises(UploadError, match="over the 0 MB limit"):
+        check_image(good, UploadLimits(max_bytes=10))
+    with pytest.raises(UploadError, match="at most 1 images"):
+        save_concept_upload([str(good), str(good)], None, None, tmp_path / "up", UploadLimits(max_files=1))
+    assert LIMITS.max_pixels == 4096 * 4096
+
+
+def test_upload_becomes_a_concept_folder_the_loader_reads(tmp_path):
+    from mixofshow.data import ConceptDataset
+
+    imgs = []
+    for i in range(2):
+        p = tmp_path / f"img{i}.png"
+        Image.new("RGB", (40, 40), (i * 100, 50, 50)).save(p)
+        imgs.append(str(p))
+    cap = tmp_path / "img0.txt"
+    cap.write_text("a toy on a table\n")
+    mask = tmp_path / "img1.png.mask"
+    Image.new("L", (40, 40), 255).save(mask, format="PNG")
+    mask = mask.rename(tmp_path / "masks_img1.png")
+    with pytest.raises(UploadError, match="mask 'masks_img1' has no image"):
+        save_concept_upload(imgs, [str(cap)], [str(mask)], tmp_path / "up")
+    concept_list = save_concept_upload(imgs, [str(cap)], None, tmp_path / "up")
+    entry = json.loads(concept_list.read_text())[0]
+    assert entry["instance_prompt"] == "<TOK>"
+    assert (concept_list.parent / "caption" / "img0.txt").read_text() == "<TOK>, a toy on a table\n"
+    assert (concept_list.parent / "caption" / "img1.txt").read_text() == "<TOK>\n"
+    ds = ConceptDataset(str(concept_list), {"<TOK>": "<toy1> <toy2>"}, 32)
+    assert len(ds) == 2
+
+
+def test_region_lines_and_preview():
+    from app.tab_sample import parse_regions, region_preview
+
+    assert parse_regions("0, 0, 0.5, 1: <a1> <a2>\n\n0.5,0,1,1: <b1> <b2>") == [
+        ((0.0, 0.0, 0.5, 1.0), "<a1> <a2>"), ((0.5, 0.0, 1.0, 1.0), "<b1> <b2>")]
+    with pytest.raises(ValueError, match="region line 1"):
+        parse_regions("0.5, 0, 0.2, 1: backwards")
+    img = region_preview("0, 0, 0.5, 1: left", 64, 64)
+    assert img.getpixel((0, 32)) != img.getpixel((48, 32))  # the box outline is drawn
