@@ -156,11 +156,16 @@ def test_restart_marks_interrupted_and_resumes(tmp_path):
 
 
 def test_presets_are_the_yaml_the_cli_takes(server):
+    from mixofshow.optim import get_spec
     from mixofshow.train.config import load_train_config
 
     client = server.client()
     args = train_args("preset-run", 7, optimizer="loraplus")
-    args[-8:] = ["", "", "", "8"]  + [""] * 4  # loraplus: betas, eps, weight_decay, ratio
+
+    slots = [""] * 8  # the form's hyper-parameter fields, in the order of the registry's defaults
+    ratio = list(get_spec("loraplus").defaults).index("ratio")
+    slots[ratio] = "8"
+    args[-8:] = slots
     path, _ = client.predict("mine", *args, api_name="/train_save_preset")
     saved = Path(server.runs_dir / "presets" / "mine.yaml")
     assert saved.is_file() and Path(path).name == "mine.yaml"
@@ -171,4 +176,4 @@ def test_presets_are_the_yaml_the_cli_takes(server):
     # outputs: source, shipped concept, concept list, then the form (name, words, ...), then the hp fields
     assert values[:2] == ("shipped concept", "robot") and values[3:5] == ("preset-run", "<robot1> <robot2>")
     assert values[8] == "loraplus" and values[10] == 7
-    assert values[18 + 3]["label"] == "ratio" and values[18 + 3]["value"] == "8"  # the form for loraplus
+    assert values[18 + ratio]["label"] == "ratio" and values[18 + ratio]["value"] == "8"  # the form for loraplus
