@@ -1,8 +1,14 @@
-"""``mixofshow train CONFIG [--optimizer NAME] [--max-steps N] [--output-dir DIR] [--resume | --overwrite]``."""
+"""``mixofshow train CONFIG [--optimizer NAME] [--max-steps N] [--output-dir DIR] [--resume | --overwrite]
+[--num-processes N]``.
+
+``--num-processes N`` (N >= 2) re-runs this command under ``accelerate launch`` in N
+data-parallel processes (``mixofshow/train/distributed.py``; README.md, "Multi-GPU and multi-node").
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 
 __all__ = ["add_parser", "run"]
 
@@ -19,10 +25,39 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="replace the run in output_dir (its checkpoints, logs, samples, metrics, concept)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any key, e.g. --set lora.rank=8 (YAML value)")
-    p.set_defaults(func=run)
+    p.add_argument("--num-processes", type=int, default=1, metavar="N",
+                   help="data-parallel processes on this machine (launches `accelerate launch`); "
+                        "train.batch_size is per process")
+    p.set_defaults(func=run, train_parser=p)
+
+
+def _forwarded_argv(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """This command's arguments as given, without ``--num-processes`` (for the launched processes)."""
+    argv: list[str] = []
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if action.dest in ("help", "num_processes") or value is None or value is False or value == []:
+            continue
+        if not action.option_strings:
+            argv.append(str(value))
+        elif isinstance(action, argparse._StoreTrueAction):
+            argv.append(action.option_strings[-1])
+        elif isinstance(action, argparse._AppendAction):
+            for item in value:
+                argv += [action.option_strings[-1], str(item)]
+        else:
+            argv += [action.option_strings[-1], str(value)]
+    return argv
 
 
 def run(args: argparse.Namespace) -> int:
+    from mixofshow.train.distributed import end_process_group, in_launched_process, launch
+
+    if args.num_processes < 1:
+        raise ValueError(f"--num-processes: expected an integer >= 1, got {args.num_processes}")
+    if args.num_processes > 1 and not in_launched_process():
+        return launch(args.num_processes, ["train", *_forwarded_argv(args.train_parser, args)])
+
     import yaml
 
     from mixofshow.train.config import load_train_config
@@ -42,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
         overrides["output_dir"] = args.output_dir
     config = load_train_config(args.config, overrides)
     result = train(config, resume=args.resume, overwrite=args.overwrite)
+    end_process_group()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # a launched process other than the main one: the main one reports
     if result.unchanged:
         print(f"run already finished ({result.steps} of {config.train.max_steps} steps); nothing changed")
     print(f"concept: {result.concept_path}")
