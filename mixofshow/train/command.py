@@ -23,17 +23,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import yaml
-
     from mixofshow.train.config import load_train_config
     from mixofshow.train.loop import train
+    from mixofshow.utils.config import parse_overrides
+    from mixofshow.utils.io import check_output_dir
 
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key] = yaml.safe_load(value)
+    overrides = parse_overrides(args.set)
     if args.optimizer:
         overrides["optimizer.name"] = args.optimizer
     if args.max_steps is not None:
@@ -41,6 +36,9 @@ def run(args: argparse.Namespace) -> int:
     if args.output_dir:
         overrides["output_dir"] = args.output_dir
     config = load_train_config(args.config, overrides)
+    check_output_dir(config.output_dir, "output_dir")
+    from mixofshow.train.loop import train  # torch & co. only once the cheap checks passed
+
     result = train(config, resume=args.resume, overwrite=args.overwrite)
     if result.unchanged:
         print(f"run already finished ({result.steps} of {config.train.max_steps} steps); nothing changed")
