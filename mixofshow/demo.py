@@ -37,9 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mixofshow.train.config import load_train_config
-    from mixofshow.train.loop import train
-    from mixofshow.train.validation import validation_folder
-    from mixofshow.utils.io import check_output_dir
+    from mixofshow.utils.paths import check_output_dir
 
     config_path = repo_root() / "configs" / "example.yaml"
     if not config_path.is_file():

@@ -56,11 +56,12 @@ def add_parser(subparsers) -> None:
 
 
 def run_export(args) -> int:
-    from mixofshow.concepts.export import export_diffusers_lora, export_kohya_lora
-    from mixofshow.concepts.io import load_concept
-    from mixofshow.utils.io import check_output_file
+    from mixofshow.utils.paths import check_output_file
 
     check_output_file(args.output, "--output")
+    from mixofshow.concepts.export import export_diffusers_lora, export_kohya_lora
+    from mixofshow.concepts.io import load_concept
+
     concept = load_concept(args.concept)
     if not concept.lora:
         raise ValueError(f"{args.concept}: the concept has no LoRA weights to export")
@@ -85,15 +86,16 @@ def _class_words(items: list[str], words: list[str]) -> dict[str, str]:
 
 
 def run_import(args) -> int:
-    from mixofshow.concepts.export import import_mixofshow_pth
-    from mixofshow.concepts.io import save_concept
-    from mixofshow.models.loading import load_pipeline
-    from mixofshow.utils.io import check_output_file
+    from mixofshow.utils.paths import check_output_file
 
     output = Path(args.output)
     if output.suffix != ".safetensors":
         raise ValueError(f"output {output}: expected a .safetensors path")
     check_output_file(output, "output")
+    from mixofshow.concepts.export import import_mixofshow_pth
+    from mixofshow.concepts.io import save_concept
+    from mixofshow.models.loading import load_pipeline
+
     import_mixofshow_pth(args.pth)  # a bad file fails here, before the (slow) base-model load
     pipe = load_pipeline(args.base_model)
     concept = import_mixofshow_pth(args.pth, pipe, base_model=args.base_model)

@@ -42,8 +42,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from mixofshow.fuse.config import load_fuse_config
-    from mixofshow.fuse.run import fuse_concepts
-    from mixofshow.utils.io import check_output_dir, check_output_file
+    from mixofshow.utils.paths import check_output_dir, check_output_file
 
     overrides = {
         "output": args.output,
@@ -56,6 +55,8 @@ def run(args) -> int:
     check_output_file(config.output, "output")  # before the fusion, which takes minutes on real models
     if config.diffusers_output:
         check_output_dir(config.diffusers_output, "diffusers_output")
+    from mixofshow.fuse.run import fuse_concepts  # torch & co. only once the cheap checks passed
+
     outcome = fuse_concepts(config, progress=not args.no_progress)
     words = " ".join(c["prompt"] for c in outcome.fused.meta.concepts)
     log.info("fused %d concepts in %.1f s -> %s", len(outcome.fused.meta.concepts), outcome.seconds, outcome.output)

@@ -33,7 +33,8 @@ import torch
 from mixofshow.concepts.attention import install_layerwise_attention, num_cross_attention_layers
 from mixofshow.concepts.tokens import ConceptTokenEmbedding, LayerwiseTextEncoder, layer_token_names
 from mixofshow.fuse.io import FusedMeta, FusedModel
-from mixofshow.utils.io import FileFormatError, current_umask
+from mixofshow.utils.io import FileFormatError
+from mixofshow.utils.paths import current_umask
 
 __all__ = ["EXPORT_INFO", "export_diffusers", "attach_exported"]
 

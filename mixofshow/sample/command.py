@@ -60,14 +60,16 @@ def _prompts(args) -> list[str]:
 
 
 def run(args) -> int:
-    import torch
+    from mixofshow.utils.paths import check_output_dir
+
+    concept = Path(args.concept)
+    output_dir = check_output_dir(args.output_dir or Path("samples") / concept.stem, "--output-dir")
+    import torch  # heavy imports only once the cheap checks passed
 
     from mixofshow.models.loading import load_pipeline, resolve_dtype
     from mixofshow.sample.load import adapter_metadata, load_adapter
     from mixofshow.sample.pipeline import SampleConfig, check_inputs, generate
-    from mixofshow.utils.io import check_output_dir
 
-    concept = Path(args.concept)
     meta, _ = adapter_metadata(concept)
     base_model = args.base_model or meta.get("base_model")
     if not base_model or base_model == "unknown":
@@ -88,12 +90,11 @@ def run(args) -> int:
         height=args.height,
         width=args.width,
         batch_size=args.batch_size,
-        output_dir=args.output_dir or Path("samples") / concept.stem,
+        output_dir=output_dir,
         concept=str(concept),
         base_model=base_model,
     )
     check_inputs(config)  # before the (slow) model load
-    check_output_dir(config.output_dir, "--output-dir")
 
     pipe = load_pipeline(base_model, dtype=dtype)
     adapter = load_adapter(pipe, concept, lora_scale=args.lora_scale)

@@ -8,7 +8,14 @@ __all__ = ["add_parser", "run"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train one ED-LoRA concept from a YAML config")
+    p = sub.add_parser(
+        "train",
+        help="train one ED-LoRA concept from a YAML config",
+        description="Train one ED-LoRA concept (layer-wise token embeddings + LoRA) as a YAML config "
+        "says (configs/README.md documents every key). The run folder gets the config copy, "
+        "resumable checkpoints, tensorboard logs, validation samples, metrics.json and the "
+        "concept file <name>.safetensors.",
+    )
     p.add_argument("config", help="YAML training config (see configs/README.md)")
     p.add_argument("--optimizer", help="LoRA optimizer name (overrides optimizer.name)")
     p.add_argument("--max-steps", type=int, help="overrides train.max_steps")
@@ -24,9 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mixofshow.train.config import load_train_config
-    from mixofshow.train.loop import train
     from mixofshow.utils.config import parse_overrides
-    from mixofshow.utils.io import check_output_dir
+    from mixofshow.utils.paths import check_output_dir
 
     overrides = parse_overrides(args.set)
     if args.optimizer:

@@ -1,22 +1,18 @@
-"""Atomic file writes, output-location checks and pickle-free (safetensors + JSON) storage.
+"""Atomic file writes and pickle-free (safetensors + JSON) storage of nested state.
 
 Every file the project writes goes through :func:`atomic_write_bytes`: temp file in the same
 folder, fsync, rename. A killed process leaves the old file or the new one, never half of one.
 Files get the mode a plain ``open()`` would give them (``0666`` less the user's umask: ``0644``
-by default), not ``mkstemp``'s private ``0600``.
-
-Commands call :func:`check_output_dir` / :func:`check_output_file` on every output location
-before any slow work, so a folder that is a file, lies under a file, is not writable or has no
-space left is one clear message (``mixofshow`` exits 2) instead of a traceback at the end.
+by default), not ``mkstemp``'s private ``0600``. A write that fails because of the place (no
+space, read-only, no permission) raises :class:`~mixofshow.utils.paths.OutputPathError` naming
+the file. Output locations are checked before any work by :mod:`mixofshow.utils.paths`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,12 +22,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from mixofshow.utils.paths import current_umask, place_error
+
 __all__ = [
-    "MIN_FREE_BYTES",
-    "OutputPathError",
-    "check_output_dir",
-    "check_output_file",
-    "current_umask",
     "atomic_write_bytes",
     "atomic_write_text",
     "save_safetensors",
@@ -48,75 +41,13 @@ class FileFormatError(ValueError):
     """A file a user gave us is missing, corrupt or of the wrong kind."""
 
 
-class OutputPathError(ValueError):
-    """An output location cannot be written (a file, under a file, read-only, full)."""
-
-
-MIN_FREE_BYTES = 64 * 2**20  # free space an output location must have before work starts
-
-# errors of the place being written, not of the program: reported as OutputPathError
-_PLACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.EISDIR}
-
-
-def check_output_dir(path: str | os.PathLike, what: str = "output folder", min_free_bytes: int = MIN_FREE_BYTES) -> Path:
-    """Check that folder ``path`` exists or can be created, is writable and has space.
-
-    Raises :class:`OutputPathError` naming ``what`` and the path; creates nothing.
-    """
-    path = Path(path).expanduser()
-    if path.exists() and not path.is_dir():
-        raise OutputPathError(f"{what} {path}: exists and is a file, not a folder")
-    _check_folder(path, f"{what} {path}", min_free_bytes)
-    return path
-
-
-def check_output_file(path: str | os.PathLike, what: str = "output file", min_free_bytes: int = MIN_FREE_BYTES) -> Path:
-    """:func:`check_output_dir` for the folder of file ``path``; ``path`` itself must not be a folder."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise OutputPathError(f"{what} {path}: is a folder, expected a file name")
-    _check_folder(path.parent, f"{what} {path}", min_free_bytes)
-    return path
-
-
-def _check_folder(folder: Path, label: str, min_free_bytes: int) -> None:
-    existing = folder
-    while not existing.is_dir():  # the nearest folder that exists: where the first mkdir happens
-        if existing.exists() or existing.is_symlink():
-            raise OutputPathError(f"{label}: cannot be created under {existing}, which is not a folder")
-        if existing.parent == existing:
-            break
-        existing = existing.parent
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputPathError(f"{label}: not writable (no write permission in {existing})")
-    free = shutil.disk_usage(existing).free
-    if free < min_free_bytes:
-        raise OutputPathError(
-            f"{label}: no space left on its file system ({free / 2**20:.1f} MiB free, at least "
-            f"{min_free_bytes / 2**20:.0f} MiB needed)"
-        )
-
-
-def current_umask() -> int:
-    """The process's umask, read without changing it where the system allows."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)  # elsewhere: set and restore (not atomic; there is no getter)
-    os.umask(mask)
-    return mask
-
-
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as err:
-        raise _place_error(path, err) from None
+        raise place_error(path, err) from None
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o666 & ~current_umask())  # as open() would, not mkstemp's 0600
@@ -127,15 +58,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(err, OSError):
-            raise _place_error(path, err) from None
+            raise place_error(path, err) from None
         raise
     _fsync_dir(path.parent)
-
-
-def _place_error(path: Path, err: OSError) -> Exception:
-    if err.errno in _PLACE_ERRNOS:
-        return OutputPathError(f"{path}: cannot write: {err.strerror or err}")
-    return err
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
