@@ -1,4 +1,5 @@
-"""``mixofshow train CONFIG [--optimizer NAME] [--max-steps N] [--output-dir DIR] [--resume | --overwrite]``."""
+"""``mixofshow train CONFIG [--optimizer NAME] [--max-steps N] [--output-dir DIR] [--set KEY=VALUE]
+[--resume | --overwrite]``."""
 
 from __future__ import annotations
 
