@@ -123,6 +123,7 @@ class TrainConfig:
 VALUE_BOUNDS: dict[str, Bounds] = {
     "data.resolution": Bounds(ge=8, multiple_of=8),
     "data.flip_p": Bounds(ge=0, le=1),
+    "concept.init_std": Bounds(ge=0),
     "concept.freeze_norm": Bounds(gt=0),
     "lora.rank": Bounds(ge=1),
     "lora.scale": Bounds(),
@@ -141,6 +142,7 @@ VALUE_BOUNDS: dict[str, Bounds] = {
     "train.checkpoint_every": Bounds(ge=0),
     "train.keep_checkpoints": Bounds(ge=1),
     "train.log_every": Bounds(ge=1),
+    "train.max_skipped_steps": Bounds(ge=0),
     "validation.every": Bounds(ge=-1),
     "validation.lora_scales": Bounds(),
     "validation.num_images": Bounds(ge=1),
