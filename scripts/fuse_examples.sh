@@ -4,6 +4,7 @@
 #
 #   scripts/fuse_examples.sh                       # about a minute per concept on a CPU
 #   scripts/fuse_examples.sh --max-steps 5         # extra arguments go to every `mixofshow train`
+#   scripts/fuse_examples.sh --overwrite           # again, replacing the runs of a previous call
 #
 # Outputs go under runs/ of the current directory (runs/robot, runs/cat, runs/cactus,
 # runs/fused/example.safetensors), where configs/fuse_example.yaml looks for them. MIXOFSHOW
