@@ -25,9 +25,11 @@ _COMMANDS = (
     "mixofshow.train.command",
     "mixofshow.sample.command",
     "mixofshow.fuse.command",
+    "mixofshow.evaluate.command",
     "mixofshow.concepts.command",
     "mixofshow.demo",
     "mixofshow.optim.command",
+    "app.command",
 )
 
 
