@@ -12,13 +12,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
-from mixofshow.models.loading import load_pipeline, resolve_dtype
-from mixofshow.sample.load import adapter_metadata, load_adapter
-from mixofshow.sample.pipeline import SCHEDULERS, SampleConfig, check_inputs, generate
-
 __all__ = ["add_parser", "run"]
+
+# the names of mixofshow.sample.pipeline.SCHEDULERS, written out so that `--help` imports no
+# torch/diffusers (tests/test_cli.py checks that the two agree)
+SCHEDULER_NAMES = ("ddim", "ddpm", "dpm", "euler", "euler_a", "pndm")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -36,7 +34,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="first seed of every prompt (default 0)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     p.add_argument("--cfg", type=float, default=7.5, help="guidance scale (default 7.5)")
-    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="dpm", help="sampler (default dpm)")
+    p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="dpm", help="sampler (default dpm)")
     p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA multiplier; 0 = embeddings only")
     p.add_argument("--height", type=int, help="pixels (default: the model's native size)")
     p.add_argument("--width", type=int, help="pixels (default: the model's native size)")
@@ -62,7 +60,16 @@ def _prompts(args) -> list[str]:
 
 
 def run(args) -> int:
+    from mixofshow.utils.paths import check_output_dir
+
     concept = Path(args.concept)
+    output_dir = check_output_dir(args.output_dir or Path("samples") / concept.stem, "--output-dir")
+    import torch  # heavy imports only once the cheap checks passed
+
+    from mixofshow.models.loading import load_pipeline, resolve_dtype
+    from mixofshow.sample.load import adapter_metadata, load_adapter
+    from mixofshow.sample.pipeline import SampleConfig, check_inputs, generate
+
     meta, _ = adapter_metadata(concept)
     base_model = args.base_model or meta.get("base_model")
     if not base_model or base_model == "unknown":
@@ -83,7 +90,7 @@ def run(args) -> int:
         height=args.height,
         width=args.width,
         batch_size=args.batch_size,
-        output_dir=args.output_dir or Path("samples") / concept.stem,
+        output_dir=output_dir,
         concept=str(concept),
         base_model=base_model,
     )
