@@ -289,3 +289,8 @@ def test_regions_with_a_fused_model(tmp_path, embedded_pipeline_factory):
     [plain] = generate(pipe, adapter.encoder, SampleConfig(["<toy1> <toy2> by a tree"], steps=2, height=SIZE,
                                                           width=SIZE), progress=False)
     assert np.abs(np.asarray(sample.image, np.int16) - np.asarray(plain.image, np.int16)).mean() > 1
+
+
+def test_config_accepts_json_ready_regions():
+    config = SampleConfig(["a lake"], regions=[{"prompt": "a dog", "box": [0, 0, 1, 0.5]}])
+    assert config.regions == [Region("a dog", box=(0.0, 0.0, 1.0, 0.5))]

@@ -59,7 +59,7 @@ from mixofshow.sample.plan import (
     write_grids,
     write_run_index,
 )
-from mixofshow.sample.regions import Region, check_regions
+from mixofshow.sample.regions import Region, check_regions, regions_from_data
 from mixofshow.utils.io import atomic_write_bytes
 
 __all__ = [
@@ -120,6 +120,9 @@ class SampleConfig:
     def __post_init__(self) -> None:
         if isinstance(self.prompts, str):
             self.prompts = [self.prompts]
+        if self.regions and not all(isinstance(r, Region) for r in self.regions):
+            # JSON-ready form (a job queue, a config file): {prompt, negative_prompt?, box | mask}
+            self.regions = regions_from_data(list(self.regions), "regions")
 
 
 @dataclass
