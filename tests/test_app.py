@@ -4,6 +4,7 @@ and a server killed mid-job."""
 
 from __future__ import annotations
 
+import json
 import time
 import urllib.error
 import urllib.request
@@ -172,3 +173,39 @@ def test_presets_are_the_yaml_the_cli_takes(server):
     assert values[:2] == ("shipped concept", "robot") and values[3:5] == ("preset-run", "<robot1> <robot2>")
     assert values[8] == "loraplus" and values[10] == 7
     assert values[18 + 3]["label"] == "ratio" and values[18 + 3]["value"] == "8"  # the form for loraplus
+
+
+def test_compare_two_optimizers_reports_table_plots_and_curves(server):
+    client = server.client()
+    _, job_id = client.predict(
+        "cmp", "shipped concept", "robot", None, "", 64, ["adamw", "scaled_adamw"], "0", 2, "", 1, 2, 2, "tiny", "",
+        api_name="/compare_submit")
+    info = wait_for(client, job_id, lambda j: j["state"] in ("done", "failed", "stopped"), timeout=180)
+    assert info["state"] == "done", info
+    out = Path(info["run_dir"])
+    assert out.parent == server.runs_dir / "compare"
+    assert info["progress"]["phase"] == "done" and info["progress"]["runs_total"] == 2
+    assert sorted(info["progress"]["runs"]) == sorted(p.name for p in (out / "runs").iterdir())
+    assert all(done == total == 2 for done, total in info["progress"]["runs"].values())
+    _, status, curves, report, plots = client.predict(str(job_id), api_name="/compare_refresh")
+    assert "done" in status
+    md = (out / "comparison.md").read_text()
+    assert report.strip() == md.strip() and "adamw" in md and "scaled_adamw" in md
+    assert sorted(p["caption"] for p in plots) == ["grid.png", "loss_curves.png", "scores.png"]
+    rows = curves["data"]
+    runs = {r[2] for r in rows}
+    assert len(runs) == 2 and len(rows) == 4  # 2 runs x 2 steps, from the run folders
+    from app.tab_compare import loss_curves
+
+    frame = loss_curves(out)
+    first = json.loads((out / "runs" / sorted(runs)[0] / "metrics.json").read_text())["losses"]
+    assert frame[frame.run == sorted(runs)[0]].loss.tolist() == pytest.approx(first)
+
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="seeds"):
+        client.predict("bad", "shipped concept", "robot", None, "", 64, ["adamw"], "0, 0", 2, "", 1, 2, 2, "tiny", "",
+                       api_name="/compare_submit")
+    with pytest.raises(AppError, match="optimizers"):
+        client.predict("bad", "shipped concept", "robot", None, "", 64, [], "0", 2, "", 1, 2, 2, "tiny", "",
+                       api_name="/compare_submit")
