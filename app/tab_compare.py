@@ -5,7 +5,7 @@ and optimizer comparison") into ``<runs>/compare/<name>/``. The base training co
 shipped concept on ``configs/example.yaml`` (as in the Train tab) or a training YAML (upload or a
 path on the server; it may hold an ``optimizers:`` lr table). The loss curves are read from each
 run folder's ``compare_losses.json`` / ``metrics.json``, which the training rewrites at every
-checkpoint; when the job is done the tab shows ``comparison.md`` and the PNGs beside it.
+checkpoint, and drawn with the report's own chart (``live_loss_curves.png``); when the job is done the tab shows ``comparison.md`` and the PNGs beside it.
 Stop cancels the comparison after a checkpoint; Resume continues it (finished runs are kept).
 """
 
@@ -23,10 +23,35 @@ import yaml
 from app.context import AppContext, job_choices, job_summary, unique_name
 from app.tab_train import _absolute, base_config, shipped_concepts
 
-__all__ = ["build_compare_tab", "compare_request", "loss_curves"]
+__all__ = ["build_compare_tab", "compare_request", "live_plot", "loss_curves"]
 
 SOURCES = ("shipped concept", "training YAML")
 _PLOTS = ("loss_curves.png", "scores.png", "grid.png")
+_LIVE = "live_loss_curves.png"  # drawn by the page from the run folders, beside compare's own files
+
+
+def live_plot(compare_dir: str | Path, cache: dict[str, Any]) -> str | None:
+    """``<compare_dir>/live_loss_curves.png`` (README report's loss chart), redrawn when a run saved losses."""
+    from mixofshow.evaluate.report import plot_losses
+
+    folder = Path(compare_dir)
+    frame = loss_curves(folder)
+    if frame.empty:
+        return None
+    key = (str(folder), len(frame), float(frame["loss"].sum()))
+    path = folder / _LIVE
+    if cache.get("key") != key or not path.is_file():
+        curves: dict[str, list[tuple[int, list[float]]]] = {}
+        for run, rows in frame.groupby("run", sort=True):
+            try:
+                saved = yaml.safe_load((folder / "runs" / run / "config.yaml").read_text(encoding="utf-8")) or {}
+            except (OSError, yaml.YAMLError):
+                saved = {}
+            name = (saved.get("optimizer") or {}).get("name", run)
+            curves.setdefault(name, []).append((saved.get("seed", "?"), rows["loss"].tolist()))
+        plot_losses(curves, path)
+        cache["key"] = key
+    return str(path)
 
 
 def _yaml_config(upload, server_path: str) -> dict[str, Any]:
@@ -104,7 +129,8 @@ def loss_curves(compare_dir: str | Path) -> pd.DataFrame:
             if losses:
                 break
         rows += [(i + 1, float(x), run.name) for i, x in enumerate(losses) if x is not None]
-    return pd.DataFrame(rows, columns=["step", "loss", "run"])
+    frame = pd.DataFrame(rows, columns=["step", "loss", "run"])
+    return frame.astype({"step": "int64", "loss": "float64", "run": "str"})  # typed even when empty (the plot's axes)
 
 
 def _report(compare_dir: Path) -> tuple[str, list[tuple[str, str]]]:
@@ -148,10 +174,10 @@ def build_compare_tab(ctx: AppContext) -> None:
             with gr.Row():
                 stop = gr.Button("Stop (checkpoint)", size="sm")
                 resume = gr.Button("Resume", size="sm")
-            plot = gr.LinePlot(loss_curves(ctx.runs_dir / "none"), x="step", y="loss", color="run",
-                               title="Training loss per run", height=260)
-            report = gr.Markdown("The report appears here when the comparison is done.", elem_id="compare-report")
-            plots = gr.Gallery(label="Loss curves, scores, image grid", columns=3, height=300, elem_id="compare-plots")
+            plot = gr.Image(label="Training loss per run (updated at each checkpoint)", height=320,
+                            interactive=False, elem_id="compare-curves")
+    report = gr.Markdown("The report appears here when the comparison is done.", elem_id="compare-report")
+    plots = gr.Gallery(label="Loss curves, scores, image grid", columns=3, height=320, elem_id="compare-plots")
 
     source.change(lambda s: (gr.update(visible=s == SOURCES[0]), gr.update(visible=s == SOURCES[1])),
                   source, [concept, yaml_box], api_visibility="private")
@@ -174,12 +200,13 @@ def build_compare_tab(ctx: AppContext) -> None:
         if not job_id and choices:
             job_id = choices[0][1]
         if not job_id:
-            return (gr.update(choices=choices), "No comparison yet.", loss_curves(ctx.runs_dir / "none"),
+            return (gr.update(choices=choices), "No comparison yet.", None,
                     "The report appears here when the comparison is done.", [])
         j = ctx.store.get(int(job_id))
         text, images = _report(Path(j.run_dir))
-        return gr.update(choices=choices, value=str(j.id)), job_summary(j), loss_curves(j.run_dir), text, images
+        return gr.update(choices=choices, value=str(j.id)), job_summary(j), live_plot(j.run_dir, cache), text, images
 
+    cache: dict[str, Any] = {}
     monitor = [job, status, plot, report, plots]
     gr.Timer(1.0).tick(refresh, job, monitor, api_visibility="private", show_progress="hidden")
     job.change(refresh, job, monitor, api_name="compare_refresh", show_progress="hidden")
