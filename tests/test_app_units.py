@@ -142,8 +142,8 @@ def test_compare_job_stops_on_request_and_resumes(tmp_path, caplog):
     from app.worker import run_job
 
     store = JobStore(tmp_path / "jobs.sqlite")
-    request = compare_request("shipped concept", "robot", None, "", 64, ["adamw"], "0", 6, "", 1, 2, 2, "tiny", "")
-    assert request["train"]["train"]["checkpoint_every"] == 6 and request["optimizers"] == ["adamw"]
+    request = compare_request("shipped concept", "robot", None, "", 64, ["adamw"], "0", 20, "", 1, 2, 2, "tiny", "")
+    assert request["train"]["train"]["checkpoint_every"] == 20 and request["optimizers"] == ["adamw"]
     submitted = store.submit("compare", "c", {"compare": request}, str(tmp_path / "compare" / "c"), "cpu")
     job = store.claim("cpu", os.getpid())
     worker = threading.Thread(target=run_job, args=(store, job))
@@ -158,7 +158,7 @@ def test_compare_job_stops_on_request_and_resumes(tmp_path, caplog):
     run = next((Path(job.run_dir) / "runs").iterdir())
     before = json.loads((run / "metrics.json").read_text())
     steps_at_stop = before["steps"]
-    assert 2 <= steps_at_stop < 6
+    assert 2 <= steps_at_stop < 20
     store.resume(submitted.id)
     again = store.claim("cpu", os.getpid())
     with caplog.at_level("INFO", logger="mixofshow.train.loop"):
@@ -167,5 +167,5 @@ def test_compare_job_stops_on_request_and_resumes(tmp_path, caplog):
     final = store.get(job.id)
     assert final.progress["phase"] == "done" and (Path(job.run_dir) / "comparison.md").is_file()
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["steps"] == 6 and len(metrics["losses"]) == 6
+    assert metrics["steps"] == 20 and len(metrics["losses"]) == 20
     assert metrics["losses"][:steps_at_stop] == before["losses"]  # continued from the stop's checkpoint
