@@ -13,7 +13,12 @@ __all__ = ["add_parser", "check_bind", "parse_auth", "run"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("app", help="the web app: train, fuse, sample and browse runs in a browser")
+    p = sub.add_parser(
+        "app",
+        help="the web app: train, fuse, sample and browse runs in a browser",
+        description="Serve the Gradio web app (train, fuse, sample, browse runs; jobs run in a worker "
+        "process) on --host:--port; binding beyond loopback needs --auth.",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need --auth)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--runs-dir", default="runs", help="where jobs, runs and uploads live (default runs)")

@@ -4,9 +4,9 @@ The job runs ``mixofshow.sample.pipeline.iter_samples`` (what ``mixofshow sample
 ``<runs>/samples/<id>/``; the gallery shows every image with its parameters (the PNG's
 ``parameters`` chunk, also in ``index.json``), and "Download all" zips the set.
 
-Regions: typed as ``x0, y0, x1, y1: prompt`` lines (fractions of the image) and previewed as
-boxes; sampling them needs regional sampling in ``mixofshow.sample`` (issue 10), which this
-build does not have yet, so a job with regions is refused with that message.
+Regions: typed as ``x0, y0, x1, y1: prompt`` lines (fractions of the image), previewed as
+boxes, and sampled with ``SampleConfig.regions`` (README "Regional sampling"; a build without
+regional sampling refuses a job with regions).
 """
 
 from __future__ import annotations
@@ -149,6 +149,9 @@ def build_sample_tab(ctx: AppContext):
                       "seed": int(first_seed), "num_images": int(n), "steps": int(n_steps),
                       "guidance_scale": float(guidance), "scheduler": sched, "lora_scale": float(scale),
                       "concept": str(path), "base_model": meta.get("base_model", "embedded")}
+            if region_text.strip():  # boxes as [top, left, bottom, right] fractions (README "Regional sampling")
+                config["regions"] = [{"prompt": p, "box": [y0, x0, y1, x1]}
+                                     for (x0, y0, x1, y1), p in parse_regions(region_text)]
             check_inputs(SampleConfig(**config))
         except (ValueError, TypeError) as err:
             raise gr.Error(str(err)) from None

@@ -246,18 +246,25 @@ def closed_form_run(problem: Problem, ridge: float, heads: int = 1) -> tuple[flo
     return seconds + time.perf_counter() - t, first, weights[0]
 
 
+def closed_form_time(problem: Problem, ridge: float, repeats: int = 3) -> tuple[float, GramStats, torch.Tensor]:
+    """The closed form's time for all ``kind.count`` layers of the problem's kind (each group of
+    layers sharing a Gram timed together), with one layer's statistics and solution."""
+    kind = problem.kind
+    # short, so a busy machine's noise shows: the median of a few runs
+    per_group = {}
+    for heads in sorted(set(kind.groups)):
+        runs = [closed_form_run(problem, ridge, heads) for _ in range(repeats)]
+        per_group[heads] = statistics.median(r[0] for r in runs)
+    _, stats, weight = runs[0]
+    return kind.count // sum(kind.groups) * sum(per_group[h] for h in kind.groups), stats, weight
+
+
 def run_kind(kind: Kind, concepts: int, device: torch.device, ridge: float, repeats: int = 3) -> dict:
     """Both methods on one kind; times are for all ``kind.count`` layers (LBFGS: one layer's x count)."""
     problem = Problem(kind, concepts, device)
     with PeakMemory(device) as mem_closed:  # untimed: exact accounting slows allocations down
         closed_form_run(problem, ridge, heads=max(kind.groups))
-    # short, so a busy machine's noise shows: the median of a few runs (LBFGS runs once)
-    per_group = {}
-    for heads in sorted(set(kind.groups)):
-        runs = [closed_form_run(problem, ridge, heads) for _ in range(repeats)]
-        per_group[heads] = statistics.median(r[0] for r in runs)
-    _, stats, w_closed = runs[0]
-    closed_time = kind.count // sum(kind.groups) * sum(per_group[h] for h in kind.groups)
+    closed_time, stats, w_closed = closed_form_time(problem, ridge, repeats)  # LBFGS runs once
     # the original: store every input and output, then LBFGS
     inputs = torch.cat([x for i in range(concepts) for x in problem.chunks(i)])
     outputs = torch.cat([x @ problem.targets[i].T for i in range(concepts) for x in problem.chunks(i)])

@@ -1,8 +1,12 @@
 """``mixofshow <command>``: the command-line entry point.
 
 Each command lives beside the code it drives and exposes ``add_parser(subparsers)`` (which sets
-``func`` on its parser). User errors (``ValueError``, ``FileNotFoundError``) print one clear line
-and exit with status 2; anything else is a bug and keeps its traceback.
+``func`` on its parser) and a ``run``-style function. Command modules import torch, diffusers and
+the like only inside those functions, so ``mixofshow --help`` answers in well under a second
+(``tests/test_cli.py`` checks it). A command is one line of ``_COMMANDS``; a listed module
+that cannot be imported is an error, never skipped. User errors (``ValueError``,
+``FileNotFoundError``) print one clear line and exit with status 2; anything else is a bug and
+keeps its traceback.
 """
 
 from __future__ import annotations
@@ -14,9 +18,9 @@ import sys
 
 from mixofshow.utils.memory import tune_cpu_allocator
 
-__all__ = ["main", "build_parser"]
+__all__ = ["CommandModuleError", "main", "build_parser"]
 
-# (module, description); order is the order of `mixofshow --help`
+# modules defining add_parser(subparsers); their order is the order of `mixofshow --help`
 _COMMANDS = (
     "mixofshow.train.command",
     "mixofshow.sample.command",
@@ -29,6 +33,10 @@ _COMMANDS = (
 )
 
 
+class CommandModuleError(ImportError):
+    """A module listed in ``_COMMANDS`` is missing or broken (a bug of the installation)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mixofshow",
@@ -39,10 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in _COMMANDS:
         try:
             module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name is not None and name.startswith(err.name):
-                continue  # a command not present in this build
-            raise
+        except Exception as err:  # noqa: BLE001 (re-raised, naming the module)
+            raise CommandModuleError(f"mixofshow: command module {name} cannot be imported: {err!r}") from err
         module.add_parser(sub)
     return parser
 

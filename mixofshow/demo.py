@@ -18,8 +18,17 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
 
 
+# the demo's prompts; the samples are training's end-of-run validation samples
+DEMO_PROMPTS = ["a photo of <robot1> <robot2>", "a photo of <robot1> <robot2> on the beach"]
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="train the example concept on the embedded model and sample it")
+    p = sub.add_parser(
+        "demo",
+        help="train the example concept on the embedded model and sample it",
+        description="Train the shipped robot concept on the embedded tiny model (offline, CPU, a "
+        "minute or two), then sample it at LoRA scales 0 and 1 into the run folder's samples/.",
+    )
     p.add_argument("--output-dir", default="runs/demo", help="run folder (default runs/demo)")
     p.add_argument("--optimizer", default="adamw", help="LoRA optimizer (default adamw)")
     p.add_argument("--max-steps", type=int, default=60, help="training steps (default 60)")
@@ -27,31 +36,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mixofshow.sample.load import load_adapter
-    from mixofshow.sample.pipeline import SampleConfig, generate
-    from mixofshow.models.loading import load_pipeline
     from mixofshow.train.config import load_train_config
-    from mixofshow.train.loop import train
+    from mixofshow.utils.paths import check_output_dir
 
     config_path = repo_root() / "configs" / "example.yaml"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path}: the demo needs the repository checkout (configs/, datasets/)")
     config = load_train_config(
         config_path,
-        {"output_dir": args.output_dir, "optimizer.name": args.optimizer,
-         "train.max_steps": args.max_steps, "validation.every": -1},
+        {"output_dir": args.output_dir, "optimizer.name": args.optimizer, "train.max_steps": args.max_steps,
+         # samples at the end of training, in training's layout: samples/step_N/scale_S + grid.png
+         "validation.every": 0, "validation.prompts": DEMO_PROMPTS, "validation.prompts_file": None,
+         "validation.lora_scales": [0.0, 1.0], "validation.num_images": 2, "validation.steps": 20},
     )
+    check_output_dir(config.output_dir, "--output-dir")
+    from mixofshow.train.loop import train
+    from mixofshow.train.validation import validation_folder
+
     result = train(config, overwrite=True)  # the demo's folder is its own: rerunning replaces it
-    pipe = load_pipeline(config.base_model)
-    adapter = load_adapter(pipe, result.concept_path)
-    out = Path(args.output_dir) / "samples"
-    prompts = ["a photo of <robot1> <robot2>", "a photo of <robot1> <robot2> on the beach"]
-    for scale in (0.0, 1.0):
-        generate(pipe, adapter.encoder, SampleConfig(
-            prompts=prompts, num_images=2, steps=20, lora_scale=scale,
-            output_dir=out / f"lora_scale_{scale:g}", concept=str(result.concept_path), base_model=config.base_model,
-        ), progress=False)
+    out = validation_folder(config, result.steps)
     print(f"trained concept: {result.concept_path} ({result.steps} steps, optimizer {config.optimizer.name})")
-    print(f"samples:         {out}/lora_scale_0 (embeddings only) and {out}/lora_scale_1 (with LoRA)")
+    print(f"samples:         {out}/scale_0 (embeddings only) and {out}/scale_1 (with LoRA); all: {out}/grid.png")
     print(f"logs:            tensorboard --logdir {result.output_dir / 'logs'}")
     return 0

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -72,3 +75,28 @@ def checkpoint_weights():
         return tensors
 
     return weights
+
+
+# -- CLI helpers (tests/test_cli.py, test_examples.py, ...) ---------------------------------
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_mixofshow(*args: str, cwd: str | os.PathLike | None = None, env: dict[str, str] | None = None,
+                  timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m mixofshow ARGS`` in a subprocess (this checkout first on PYTHONPATH), text output."""
+    full_env = {**os.environ, **(env or {})}
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), full_env.get("PYTHONPATH")) if p)
+    return subprocess.run(
+        [sys.executable, "-m", "mixofshow", *args], cwd=cwd, env=full_env,
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    """Exit 2 with one error line on stderr (no traceback) that contains every needle."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])

@@ -278,6 +278,13 @@ def _break(kind: str, root: Path) -> tuple[list[ConceptSource], dict[str, str], 
     if kind == "unknown placeholder in caption":
         (root / "caption" / "img1.txt").write_text("<TOK>, with <dog>\n")
         return [src], mapping, "img1.txt"
+    if kind == "caption without image":  # the image was lost: training would use 1 of 2
+        (root / "image" / "img1.png").unlink()
+        return [src], mapping, f"caption {root / 'caption' / 'img1.txt'} has no image: expected {root / 'image' / 'img1'}"
+    if kind == "mask without image":
+        src = ConceptSource("<TOK>", src.instance_data_dir, None, src.mask_dir)
+        (root / "image" / "img0.png").unlink()
+        return [src], mapping, f"mask {root / 'mask' / 'img0.png'} has no image: expected {root / 'image' / 'img0'}"
     if kind == "duplicate stem":
         Image.new("RGB", (32, 32)).save(root / "image" / "img0.jpg")
         return [src], mapping, "img0"
@@ -288,8 +295,15 @@ ERROR_KINDS = [
     "missing image folder", "missing caption folder", "no images", "image without caption",
     "image without mask", "mask size", "corrupt image", "corrupt mask", "caption without token",
     "empty caption", "token missing from mapping", "unknown placeholder in caption",
-    "duplicate stem",
+    "duplicate stem", "caption without image", "mask without image",
 ]
+
+
+def test_hidden_files_and_other_suffixes_beside_captions_are_not_orphans(tmp_path: Path) -> None:
+    src = make_concept(tmp_path / "c", n=2)
+    (tmp_path / "c" / "caption" / ".DS_Store").write_text("x")
+    (tmp_path / "c" / "caption" / "notes.md").write_text("x")
+    assert len(ConceptDataset([src], MAPPING, resolution=16)) == 2
 
 
 @pytest.mark.parametrize("kind", ERROR_KINDS)

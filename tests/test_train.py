@@ -100,7 +100,7 @@ def test_cli_train_with_overrides(tmp_path, capsys):
 def test_config_errors_name_the_key(tmp_path, small_train_config):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\ndata: {concept_list: a.json}\nconcept: {words: ['<a1>']}\ntrain: {max_stepz: 3}\n")
-    with pytest.raises(ConfigError, match=r"bad\.yaml\.train: unknown key 'max_stepz'"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml: train: unknown key 'max_stepz'"):
         load_train_config(bad)
     bad.write_text("data: {concept_list: a.json}\nconcept: {words: ['<a1>']}\nlora: {rank: four}\n")
     with pytest.raises(ConfigError, match=r"lora\.rank: expected an integer"):

@@ -12,12 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mixofshow.concepts.export import export_diffusers_lora, export_kohya_lora, import_mixofshow_pth
-from mixofshow.concepts.io import load_concept, save_concept
-
 __all__ = ["add_parser", "run_export", "run_import"]
 
-_EXPORTERS = {"diffusers": export_diffusers_lora, "kohya": export_kohya_lora}
+_FORMATS = ("diffusers", "kohya")  # the exporters of run_export
 
 
 def add_parser(subparsers) -> None:
@@ -29,7 +26,7 @@ def add_parser(subparsers) -> None:
         "written beside as <output name>.embeddings.safetensors.",
     )
     p.add_argument("concept", help="concept file (.safetensors)")
-    p.add_argument("--format", choices=sorted(_EXPORTERS), required=True, help="target layout")
+    p.add_argument("--format", choices=_FORMATS, required=True, help="target layout")
     p.add_argument("--output", required=True, help="output .safetensors path")
     p.set_defaults(func=run_export)
 
@@ -59,10 +56,17 @@ def add_parser(subparsers) -> None:
 
 
 def run_export(args) -> int:
+    from mixofshow.utils.paths import check_output_file
+
+    check_output_file(args.output, "--output")
+    from mixofshow.concepts.export import export_diffusers_lora, export_kohya_lora
+    from mixofshow.concepts.io import load_concept
+
     concept = load_concept(args.concept)
     if not concept.lora:
         raise ValueError(f"{args.concept}: the concept has no LoRA weights to export")
-    lora_path, emb_path = _EXPORTERS[args.format](concept, args.output)
+    exporters = {"diffusers": export_diffusers_lora, "kohya": export_kohya_lora}  # keys: _FORMATS
+    lora_path, emb_path = exporters[args.format](concept, args.output)
     print(f"wrote {args.format} LoRA: {lora_path}")
     if emb_path is not None:
         print(f"wrote layer-wise embeddings (not loadable by plain {args.format}): {emb_path}")
@@ -82,11 +86,16 @@ def _class_words(items: list[str], words: list[str]) -> dict[str, str]:
 
 
 def run_import(args) -> int:
-    from mixofshow.models.loading import load_pipeline
+    from mixofshow.utils.paths import check_output_file
 
     output = Path(args.output)
     if output.suffix != ".safetensors":
         raise ValueError(f"output {output}: expected a .safetensors path")
+    check_output_file(output, "output")
+    from mixofshow.concepts.export import import_mixofshow_pth
+    from mixofshow.concepts.io import save_concept
+    from mixofshow.models.loading import load_pipeline
+
     import_mixofshow_pth(args.pth)  # a bad file fails here, before the (slow) base-model load
     pipe = load_pipeline(args.base_model)
     concept = import_mixofshow_pth(args.pth, pipe, base_model=args.base_model)

@@ -162,6 +162,19 @@ class LayerwiseTextEncoder:
         pattern = re.compile("|".join(re.escape(w) for w in sorted(self.words, key=len, reverse=True)))
         return [pattern.sub(lambda m: f"{m.group(0)[:-1]}_l{i}>", prompt) for i in range(self.num_layers)]
 
+    def window(self, prompt: str) -> tuple[int, str]:
+        """(tokens, text read): the prompt's token count (BOS/EOS included) and the prompt as
+        the text encoder reads it, cut to its window (``model_max_length``, 77 for CLIP) when
+        longer: decoded from the kept tokens (CLIP's lower-case spelling), concept words as written."""
+        text = self.layer_prompts(prompt)[0]
+        limit = self.tokenizer.model_max_length
+        ids = self.tokenizer(text, verbose=False).input_ids  # verbose: no too-long warning, we give ours
+        if len(ids) <= limit:
+            return len(ids), prompt
+        seen = self.tokenizer.decode(ids[1 : limit - 1], skip_special_tokens=True)
+        seen = re.sub(r"<([a-z0-9][a-z0-9_\-]*)_l0>", r" <\1> " if self.words else r" <\1_l0> ", seen)
+        return len(ids), " ".join(seen.split())
+
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         """(B * L, 77) token ids, prompt-major."""
         expanded = [p for prompt in prompts for p in self.layer_prompts(prompt)]

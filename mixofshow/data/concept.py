@@ -12,7 +12,8 @@ optional (without captions the caption is the instance prompt). A ``replace_mapp
 ``{"<TOK>": "<robot1> <robot2>"}`` turns the placeholder into the concept's two words.
 
 Everything that can be wrong with the files is checked when the dataset is built, and raises
-:class:`ConceptDataError` naming the file. Images and masks are decoded once at construction (this
+:class:`ConceptDataError` naming the file: among others an image without its caption or mask
+(when the folder is given) and a caption or mask without its image. Images and masks are decoded once at construction (this
 is also the corruption check) and kept in memory as PIL images when ``cache_images`` is true (the
 default: concept sets are a few dozen small pictures); otherwise they are re-read on every access.
 
@@ -211,7 +212,25 @@ def scan_concept(source: ConceptSource) -> list[ConceptSample]:
         samples.append(
             ConceptSample(image_path, caption, mask_path, source.instance_prompt, caption_path)
         )
+    _check_orphans(source, stems)
     return samples
+
+
+def _check_orphans(source: ConceptSource, stems: Mapping[str, Path]) -> None:
+    """A caption or mask whose image is missing means a lost training image: an error."""
+    for kind, folder, suffixes in (
+        ("caption", source.caption_dir, (".txt",)),
+        ("mask", source.mask_dir, IMAGE_EXTENSIONS),
+    ):
+        if folder is None:
+            continue
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and path.suffix.lower() in suffixes and not path.name.startswith("."):
+                if path.stem not in stems:
+                    raise ConceptDataError(
+                        f"{kind} {path} has no image: expected "
+                        f"{source.instance_data_dir / path.stem}{{{','.join(IMAGE_EXTENSIONS)}}}"
+                    )
 
 
 def _open_image(path: Path, mode: str) -> Image.Image:

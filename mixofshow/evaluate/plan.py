@@ -55,7 +55,7 @@ def read_optimizers_table(path: str | os.PathLike) -> dict[str, OptimizerEntry]:
     data = load_yaml(path).get("optimizers") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: optimizers: expected a mapping of optimizer name -> settings")
-    return {name: from_dict(OptimizerEntry, value, where=f"{path}.optimizers.{name}") for name, value in data.items()}
+    return {name: from_dict(OptimizerEntry, value, where=str(path), key=f"optimizers.{name}") for name, value in data.items()}
 
 
 def resolve_lrs(name: str, config, table: dict[str, OptimizerEntry]) -> tuple[float, float, str]:

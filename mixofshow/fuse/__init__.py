@@ -4,12 +4,11 @@ Data flow: concept files (:mod:`.sources`) -> stages on one base pipeline (:mod:
 tokens, text encoder, cross-attention K/V, spatial layers), whose forward hooks accumulate
 float64 Gram statistics (:mod:`.gram`) -> per-layer solve (closed form, LBFGS or weight
 average) -> a compact fused file (:mod:`.io`) and optionally a diffusers folder (:mod:`.export`).
+
+Names are imported on first use (:mod:`mixofshow.utils.lazy`), so ``mixofshow --help`` loads no torch.
 """
 
-from mixofshow.fuse.config import FuseConceptConfig, FuseConfig, load_fuse_config
-from mixofshow.fuse.gram import GramStats, LowRank, objective, solve_closed_form, solve_lbfgs, weight_fusion
-from mixofshow.fuse.io import FUSED_FORMAT, FusedFile, FusedMeta, FusedModel, apply_fused, load_fused, save_fused
-from mixofshow.fuse.run import FuseOutcome, fuse_concepts
+from mixofshow.utils.lazy import lazy_exports
 
 __all__ = [
     "FUSED_FORMAT",
@@ -31,3 +30,10 @@ __all__ = [
     "solve_lbfgs",
     "weight_fusion",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    **dict.fromkeys(("FuseConceptConfig", "FuseConfig", "load_fuse_config"), "config"),
+    **dict.fromkeys(("GramStats", "LowRank", "objective", "solve_closed_form", "solve_lbfgs", "weight_fusion"), "gram"),
+    **dict.fromkeys(("FUSED_FORMAT", "FusedFile", "FusedMeta", "FusedModel", "apply_fused", "load_fused", "save_fused"), "io"),
+    **dict.fromkeys(("FuseOutcome", "fuse_concepts"), "run"),
+})

@@ -12,8 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from mixofshow.fuse.config import METHODS, load_fuse_config
-from mixofshow.fuse.run import fuse_concepts
+from mixofshow.fuse.config import METHODS
 
 __all__ = ["add_parser", "run"]
 
@@ -42,6 +41,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    from mixofshow.fuse.config import load_fuse_config
+    from mixofshow.utils.paths import check_output_dir, check_output_file
+
     overrides = {
         "output": args.output,
         "method": args.method,
@@ -50,6 +52,11 @@ def run(args) -> int:
         "device": args.device,
     }
     config = load_fuse_config(args.config, overrides)
+    check_output_file(config.output, "output")  # before the fusion, which takes minutes on real models
+    if config.diffusers_output:
+        check_output_dir(config.diffusers_output, "diffusers_output")
+    from mixofshow.fuse.run import fuse_concepts  # torch & co. only once the cheap checks passed
+
     outcome = fuse_concepts(config, progress=not args.no_progress)
     words = " ".join(c["prompt"] for c in outcome.fused.meta.concepts)
     log.info("fused %d concepts in %.1f s -> %s", len(outcome.fused.meta.concepts), outcome.seconds, outcome.output)

@@ -34,6 +34,7 @@ from mixofshow.concepts.attention import install_layerwise_attention, num_cross_
 from mixofshow.concepts.tokens import ConceptTokenEmbedding, LayerwiseTextEncoder, layer_token_names
 from mixofshow.fuse.io import FusedMeta, FusedModel
 from mixofshow.utils.io import FileFormatError
+from mixofshow.utils.paths import current_umask
 
 __all__ = ["EXPORT_INFO", "export_diffusers", "attach_exported"]
 
@@ -46,7 +47,7 @@ def export_diffusers(pipe, folder: str | os.PathLike, meta: FusedMeta) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
-        tmp.chmod(0o755)  # mkdtemp's 0700 would make the finished folder private
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would make the finished folder private
         _save_materialised(pipe, tmp)
         info = asdict(meta) | {
             "note": "Concept words are layer-wise (<w_l0> .. <w_l{L-1}>): load with "

@@ -1,6 +1,13 @@
-"""LoRA optimizers, one file each, selected by name through the registry."""
+"""LoRA optimizers, one file each, selected by name through the registry.
 
-from mixofshow.optim.base import LoRAOptimizer
-from mixofshow.optim.registry import OPTIMIZERS, SPECS, OptimizerSpec, build_optimizer, describe, get_spec
+Names are imported on first use (:mod:`mixofshow.utils.lazy`), so ``mixofshow --help`` loads no torch.
+"""
+
+from mixofshow.utils.lazy import lazy_exports
 
 __all__ = ["LoRAOptimizer", "OPTIMIZERS", "SPECS", "OptimizerSpec", "build_optimizer", "describe", "get_spec"]
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "LoRAOptimizer": "base",
+    **dict.fromkeys(("OPTIMIZERS", "SPECS", "OptimizerSpec", "build_optimizer", "describe", "get_spec"), "registry"),
+})

@@ -8,7 +8,12 @@ __all__ = ["add_parser", "run"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("optimizers", help="list the registered LoRA optimizers")
+    p = sub.add_parser(
+        "optimizers",
+        help="list the registered LoRA optimizers",
+        description="List the registered LoRA optimizers, one line each: name, paper, optimizer "
+        "state, and whether it follows public code or was reconstructed from the paper.",
+    )
     p.set_defaults(func=run)
 
 

@@ -11,17 +11,24 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
-from mixofshow.concepts.attention import num_cross_attention_layers
+from mixofshow.concepts.attention import (
+    LayerwiseAttnProcessor,
+    cross_attention_layers,
+    default_attention_processor,
+    num_cross_attention_layers,
+)
 from mixofshow.concepts.edlora import EDLoRA
+from mixofshow.concepts.tokens import LayerwiseTextEncoder
 from mixofshow.models.identity import CONCEPT_FORMAT, FUSED_FORMAT, base_model_name, same_base_model
 from mixofshow.utils.io import FileFormatError
 
-__all__ = ["FUSED_FORMAT", "adapter_metadata", "check_base_model", "load_adapter"]
+__all__ = ["FUSED_FORMAT", "BaseModel", "adapter_metadata", "check_base_model", "load_adapter", "load_base"]
 
 log = logging.getLogger(__name__)
 
@@ -129,3 +136,25 @@ def load_adapter(pipe, path: str | os.PathLike, lora_scale: float = 1.0) -> Any:
     except ImportError as err:
         raise FileFormatError(f"{where}: a fused model, but fused loading is unavailable ({err})") from None
     return apply_fused(pipe, where, lora_scale)
+
+
+@dataclass
+class BaseModel:
+    """The bare base model, as :func:`load_adapter` returns a concept: ``.encoder`` and ``.words``."""
+
+    encoder: LayerwiseTextEncoder
+    words: list[str]
+
+
+def load_base(pipe) -> BaseModel:
+    """Sample ``pipe`` without a concept: every cross-attention layer reads one shared context.
+
+    The prompt is encoded once (``num_layers=1``) and each layer's processor is a
+    ``LayerwiseAttnProcessor(0, 1)`` around the stock one, so regional sampling and the
+    sampler's code path are the same as with a concept.
+    """
+    device = next(pipe.unet.parameters()).device
+    for _, module in cross_attention_layers(pipe.unet):
+        if not isinstance(module.processor, LayerwiseAttnProcessor):
+            module.set_processor(LayerwiseAttnProcessor(0, 1, default_attention_processor(device)))
+    return BaseModel(LayerwiseTextEncoder(pipe.tokenizer, pipe.text_encoder, 1), [])

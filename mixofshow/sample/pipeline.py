@@ -10,20 +10,25 @@ Reproducibility: image ``k`` of a prompt is drawn with seed ``seed + k`` by its 
 ``torch.Generator`` (initial noise and any scheduler noise), so an image does not depend on the
 batch size, on which other prompts share its batch, or on the device.
 
+Regions (``SampleConfig.regions``, :mod:`mixofshow.sample.regions`) swap in
+:class:`~mixofshow.concepts.regional_attention.RegionalAttnProcessor` for the call; T2I-Adapter
+conditions (:mod:`mixofshow.sample.adapters`) reach the UNet as
+``down_intrablock_additional_residuals`` through a forward pre-hook. Each batch encodes all of its
+prompts (global, negative, regions') in one text-encoder call and runs one UNet call per step.
+
 Output: ``{prompt_index:03d}_{slug}_{seed}.png`` files whose PNG text chunk ``parameters`` holds
 the generation parameters as JSON, and an ``index.json`` listing every image with its parameters
-(rewritten atomically after every batch, so a killed run leaves a consistent index).
+(rewritten atomically after every batch, so a killed run leaves a consistent index; see
+:mod:`mixofshow.sample.files`). An image already on disk with the same parameters is not made
+again, so a rerun resumes where a killed run stopped.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import math
-import re
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +42,30 @@ from diffusers import (
     PNDMScheduler,
 )
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
-from mixofshow.models.identity import base_model_name, set_lora_scale  # set_lora_scale: re-exported
 from mixofshow.concepts.tokens import LayerwiseTextEncoder
-from mixofshow.utils.io import atomic_write_bytes, atomic_write_text
+from mixofshow.models.identity import base_model_name, sampling_state, set_lora_scale  # set_lora_scale: re-exported
+from mixofshow.sample.adapters import Condition
+from mixofshow.sample.denoise import BatchSettings, denoise_batch
+from mixofshow.sample.files import INDEX_FORMAT, file_sha256, image_filename, png_bytes, read_png_parameters
+from mixofshow.sample.plan import (
+    PromptSpec,
+    batches,
+    describe,
+    existing_image,
+    plan_jobs,
+    window_checker,
+    write_grids,
+    write_run_index,
+)
+from mixofshow.sample.regions import Region, check_regions, regions_from_data
+from mixofshow.utils.io import atomic_write_bytes
 
 __all__ = [
     "INDEX_FORMAT",
     "SCHEDULERS",
+    "PromptSpec",
     "SampleConfig",
     "SampledImage",
     "check_inputs",
@@ -61,7 +80,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-INDEX_FORMAT = "mixofshow.samples/1"
 _MAX_SEED = 2**63 - 1
 
 # name -> scheduler class; all are built from the pipeline's own scheduler config
@@ -77,7 +95,7 @@ SCHEDULERS: dict[str, type] = {
 
 @dataclass
 class SampleConfig:
-    prompts: list[str]  # concept words as trained, e.g. "a photo of <potter1> <potter2>"
+    prompts: list[str | PromptSpec]  # concept words as trained, e.g. "a photo of <potter1> <potter2>"
     negative_prompt: str = ""  # encoded layer-wise too; used when guidance_scale > 1
     num_images: int = 1  # per prompt; image k uses seed + k
     seed: int = 0  # first seed of every prompt (Mix-of-Show validation: 0..7)
@@ -92,10 +110,19 @@ class SampleConfig:
     # recorded in every image's parameters (provenance only)
     concept: str | None = None  # the concept/fused file that was loaded
     base_model: str | None = None
+    # regional sampling (README "Regional sampling"); applies to every prompt without its own
+    regions: list[Region] | None = None  # None or []: ordinary sampling
+    region_strength: float = 1.0  # replace ratio inside regions; 1 = Mix-of-Show
+    region_steps: tuple[float, float] = (0.0, 1.0)  # [start, end) fraction of the steps; all = Mix-of-Show
+    conditions: list[Condition] | None = None  # T2I-Adapter conditions (README "T2I-Adapter conditions")
+    grids: bool = False  # also write one contact sheet per prompt to output_dir/grids/
 
     def __post_init__(self) -> None:
         if isinstance(self.prompts, str):
             self.prompts = [self.prompts]
+        if self.regions and not all(isinstance(r, Region) for r in self.regions):
+            # JSON-ready form (a job queue, a config file): {prompt, negative_prompt?, box | mask}
+            self.regions = regions_from_data(list(self.regions), "regions")
 
 
 @dataclass
@@ -120,14 +147,19 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _factor(pipe) -> int:
+    return int(getattr(pipe, "vae_scale_factor", 8)) if pipe is not None else 8
+
+
 def check_inputs(config: SampleConfig, pipe=None) -> None:
     """Raise ``ValueError`` naming the first bad argument and its value."""
     prompts = config.prompts
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError(f"Invalid prompts: {prompts!r} (expected a non-empty list of strings)")
     for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"Invalid prompts[{i}]: {prompt!r} (expected a non-empty string)")
+        text = prompt.prompt if isinstance(prompt, PromptSpec) else prompt
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"Invalid prompts[{i}]: {text!r} (expected a non-empty string)")
     if not isinstance(config.negative_prompt, str):
         raise ValueError(f"Invalid negative_prompt: {config.negative_prompt!r} (expected a string)")
     for name in ("num_images", "steps", "batch_size"):
@@ -144,16 +176,62 @@ def check_inputs(config: SampleConfig, pipe=None) -> None:
         raise ValueError(f"Invalid scheduler: {config.scheduler!r} (expected one of {sorted(SCHEDULERS)})")
     if not _is_real(config.lora_scale):
         raise ValueError(f"Invalid lora_scale: {config.lora_scale!r} (expected a finite number)")
+    factor = _factor(pipe)
     for name in ("height", "width"):
         value = getattr(config, name)
-        if value is not None and (not _is_int(value) or value < 8 or value % 8):
-            raise ValueError(f"Invalid {name}: {value!r} (expected a positive multiple of 8, or None)")
+        if value is not None and (not _is_int(value) or value < factor or value % factor):
+            raise ValueError(
+                f"Invalid {name}: {value!r} (expected a positive multiple of {factor}, the model's "
+                "VAE factor, or None)"
+            )
+    if not _is_real(config.region_strength) or not 0 <= config.region_strength <= 1:
+        raise ValueError(f"Invalid region_strength: {config.region_strength!r} (expected a number in [0, 1])")
+    steps = config.region_steps
+    if not (isinstance(steps, (list, tuple)) and len(steps) == 2 and all(_is_real(v) for v in steps)
+            and 0 <= steps[0] <= steps[1] <= 1):
+        raise ValueError(f"Invalid region_steps: {steps!r} (expected [start, end] fractions, 0 <= start <= end <= 1)")
+    for i, spec in enumerate(_specs(config)):
+        if spec.num_images is not None and (not _is_int(spec.num_images) or spec.num_images < 1):
+            raise ValueError(f"Invalid prompts[{i}].num_images: {spec.num_images!r} (expected an integer >= 1)")
+        if spec.seeds is not None and (
+            not spec.seeds or not all(_is_int(s) and 0 <= s <= _MAX_SEED for s in spec.seeds)
+        ):
+            raise ValueError(f"Invalid prompts[{i}].seeds: {spec.seeds!r} (expected a list of integers >= 0)")
+        for j, cond in enumerate(spec.conditions or []):
+            if not _is_real(cond.weight):
+                raise ValueError(f"{cond.label(j)}: weight {cond.weight!r} is not a finite number")
+            weights = cond.region_weights
+            if weights is not None and (
+                not isinstance(weights, (list, tuple)) or len(weights) != len(spec.regions or [])
+                or not all(_is_real(w) for w in weights)
+            ):
+                raise ValueError(
+                    f"{cond.label(j)}: region_weights {weights!r} must be {len(spec.regions or [])} "
+                    "numbers, one per region"
+                )
+        if spec.regions and config.height is not None and config.width is not None:
+            check_regions(spec.regions, config.height, config.width)
     if pipe is not None:
         train_steps = pipe.scheduler.config.get("num_train_timesteps", 1000)
         if config.steps > train_steps:
             raise ValueError(
                 f"Invalid steps: {config.steps} (the scheduler was trained with {train_steps} timesteps)"
             )
+
+
+def _specs(config: SampleConfig) -> list[PromptSpec]:
+    """Every prompt as a :class:`PromptSpec` with the config's settings filled in."""
+    out = []
+    for prompt in config.prompts:
+        spec = prompt if isinstance(prompt, PromptSpec) else PromptSpec(prompt)
+        out.append(replace(
+            spec,
+            negative_prompt=config.negative_prompt if spec.negative_prompt is None else spec.negative_prompt,
+            seeds=list(spec.seeds) if spec.seeds is not None else None,
+            regions=config.regions if spec.regions is None else spec.regions,
+            conditions=config.conditions if spec.conditions is None else spec.conditions,
+        ))
+    return out
 
 
 def make_scheduler(name: str, base_config) -> Any:
@@ -167,52 +245,18 @@ def make_scheduler(name: str, base_config) -> Any:
     return cls.from_config(base_config, **overrides)
 
 
-def slugify(text: str, max_len: int = 48) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:max_len].rstrip("-")
-    return slug or "prompt"
-
-
-def image_filename(prompt_index: int, prompt: str, seed: int) -> str:
-    return f"{prompt_index:03d}_{slugify(prompt)}_{seed}.png"
-
-
-def read_png_parameters(path: str | Path) -> dict[str, Any]:
-    """The generation parameters stored in a sample's PNG text chunk."""
-    with Image.open(path) as img:
-        text = img.text.get("parameters") if hasattr(img, "text") else None
-    if text is None:
-        raise ValueError(f"{path}: no 'parameters' text chunk (not written by mixofshow sample?)")
-    return json.loads(text)
-
-
-def _png_bytes(image: Image.Image, params: dict[str, Any]) -> bytes:
-    info = PngInfo()
-    info.add_text("parameters", json.dumps(params, ensure_ascii=False))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=info)
-    return buf.getvalue()
-
-
-def _jobs(config: SampleConfig) -> list[tuple[int, str, int, int]]:
-    """(prompt_index, prompt, image_index, seed) for every image, prompt-major."""
-    return [
-        (p, prompt, k, config.seed + k)
-        for p, prompt in enumerate(config.prompts)
-        for k in range(config.num_images)
-    ]
-
-
 def iter_samples(
     pipe,
     encoder: LayerwiseTextEncoder,
     config: SampleConfig,
     progress: bool = True,
 ) -> Iterator[SampledImage]:
-    """Generate ``config.num_images`` images per prompt, yielding them as they are made.
+    """Generate every image of ``config``, yielding them as they are made (or found on disk).
 
-    ``pipe`` is a ``StableDiffusionPipeline`` with an ED-LoRA concept (or a fused model) loaded,
-    ``encoder`` the matching layer-wise text encoder. The pipeline's scheduler, LoRA multipliers,
-    train/eval modes and progress bar are restored afterwards.
+    ``pipe`` is a ``StableDiffusionPipeline`` with an ED-LoRA concept, a fused model or a bare
+    base model loaded (:func:`mixofshow.sample.load.load_adapter` / ``load_base``), ``encoder``
+    the matching layer-wise text encoder. The pipeline's scheduler, attention processors, LoRA
+    multipliers, train/eval modes and progress bar are restored afterwards.
     """
     # 1. check inputs
     check_inputs(config, pipe)
@@ -220,23 +264,15 @@ def iter_samples(
     if height is None or width is None:
         default_h, default_w = default_resolution(pipe)
         height, width = height or default_h, width or default_w
+    specs = _specs(config)
+    for spec in specs:
+        if spec.regions:
+            check_regions(spec.regions, height, width)
     out_dir = Path(config.output_dir) if config.output_dir is not None else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
 
-    # 2. put the pipeline in sampling state (restored in step 6)
-    old_scheduler = pipe.scheduler
-    old_progress = dict(getattr(pipe, "_progress_bar_config", {}) or {})
-    modules = [m for m in (pipe.unet, pipe.text_encoder, pipe.vae) if m is not None]
-    old_training = [m.training for m in modules]
-    old_multipliers = set_lora_scale(pipe, config.lora_scale)
-    pipe.scheduler = make_scheduler(config.scheduler, old_scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    for m in modules:
-        m.eval()
-
     base = {
-        "negative_prompt": config.negative_prompt,
         "steps": config.steps,
         "guidance_scale": float(config.guidance_scale),
         "scheduler": config.scheduler,
@@ -246,65 +282,68 @@ def iter_samples(
         "concept": config.concept,
         "base_model": config.base_model or base_model_name(pipe),
     }
-    jobs = _jobs(config)
-    index: list[dict[str, Any]] = []
-    use_cfg = config.guidance_scale > 1.0
-    bar = tqdm(total=len(jobs), desc="sampling", unit="img", disable=not progress)
+    if config.concept is not None and Path(config.concept).is_file():
+        # a concept retrained into the same file must not count as the one an image was made with
+        base["concept_sha256"] = file_sha256(config.concept)
+    # 2. every image's parameters and file; those already on disk are not made again
+    seen = window_checker(encoder)
+    jobs = []
+    for p_idx, spec, k, seed in plan_jobs(specs, config.seed, config.num_images):
+        prompt, full = seen(spec.prompt)
+        params = {"prompt": prompt, "seed": seed, **describe(spec, config.region_strength, config.region_steps, seen), **base,
+                  "prompt_index": p_idx, "image_index": k}
+        if full is not None:
+            params["full_prompt"] = full
+        path = out_dir / image_filename(p_idx, spec.prompt, seed) if out_dir is not None else None
+        jobs.append((p_idx, spec, params, path))
+    # indices of finished images (not the images: an evaluation run holds thousands)
+    done = {n for n, (_, _, params, path) in enumerate(jobs) if path is not None and existing_image(path, params)}
+    pending = [n for n in range(len(jobs)) if n not in done]
+    if done:
+        log.info("%d of %d images already in %s; making the other %d", len(done), len(jobs), out_dir, len(pending))
+    # 3. put the pipeline in sampling state (restored in step 7; eval modes and LoRA scale by
+    # sampling_state, the state save/restore that validation and fusion share)
+    old_scheduler = pipe.scheduler
+    old_progress = dict(getattr(pipe, "_progress_bar_config", {}) or {})
+    pipe.scheduler = make_scheduler(config.scheduler, old_scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    grids: dict[int, dict[str, Any]] = {}
+    bar = tqdm(total=len(jobs), initial=len(done), desc="sampling", unit="img", disable=not progress)
     try:
-        with torch.no_grad():
-            negative = encoder.encode([config.negative_prompt]) if use_cfg else None
-            for start in range(0, len(jobs), config.batch_size):
-                batch = jobs[start : start + config.batch_size]
-                # 3. encode prompts layer-wise: (B, L * 77, dim)
-                prompt_embeds = encoder.encode([prompt for _, prompt, _, _ in batch])
-                negative_embeds = negative.expand(len(batch), -1, -1) if use_cfg else None
-                # 4. one CPU generator per image: image k of a prompt always uses seed + k
-                generators = [torch.Generator("cpu").manual_seed(seed) for *_, seed in batch]
-                # 5. diffusers' own denoising loop and VAE decode
-                images = pipe(
-                    prompt_embeds=prompt_embeds,
-                    negative_prompt_embeds=negative_embeds,
-                    num_inference_steps=config.steps,
-                    guidance_scale=config.guidance_scale,
-                    height=height,
-                    width=width,
-                    generator=generators,
-                    output_type="pil",
-                ).images
-                for (p_idx, prompt, k, seed), image in zip(batch, images):
-                    params = {"prompt": prompt, "seed": seed, **base, "prompt_index": p_idx, "image_index": k}
-                    path = None
-                    if out_dir is not None:
-                        path = out_dir / image_filename(p_idx, prompt, seed)
-                        atomic_write_bytes(path, _png_bytes(image, params))
-                        index.append({"file": path.name, **params})
+        for n in sorted(done):
+            _, _, params, path = jobs[n]
+            with Image.open(path) as img:
+                yield SampledImage(image=img.convert("RGB"), params=params, path=path)
+        with torch.no_grad(), sampling_state(pipe, config.lora_scale):
+            for batch in batches(pending, jobs, config.batch_size):
+                spec = jobs[batch[0]][1]
+                settings = BatchSettings(spec.negative_prompt, spec.regions, spec.conditions,
+                                         config.region_strength, config.region_steps)
+                # 4. encode, denoise and decode the batch (diffusers' own loop)
+                images = denoise_batch(
+                    pipe, encoder, [jobs[n][1].prompt for n in batch], [jobs[n][2]["seed"] for n in batch],
+                    settings, config.steps, config.guidance_scale, height, width,
+                )
+                for n, image in zip(batch, images):
+                    _, _, params, path = jobs[n]
+                    if path is not None:  # 5. write the image at once: a killed run keeps it
+                        atomic_write_bytes(path, png_bytes(image, params))
+                    done.add(n)
                     bar.update(1)
                     yield SampledImage(image=image, params=params, path=path)
-                if out_dir is not None:
-                    _write_index(out_dir, index, base["concept"], base["base_model"])
+                if out_dir is not None:  # 6. grids of finished prompts, then the index
+                    write_grids(out_dir, jobs, done, grids, config.grids)
+                    write_run_index(out_dir, jobs, done, grids, base)
+        if out_dir is not None:
+            write_grids(out_dir, jobs, done, grids, config.grids)
+            write_run_index(out_dir, jobs, done, grids, base)
     finally:
-        # 6. restore the pipeline
+        # 7. restore the pipeline
         bar.close()
         pipe.scheduler = old_scheduler
         pipe.set_progress_bar_config(**old_progress)
-        for layer, value in old_multipliers.items():
-            layer.multiplier = value
-        for m, was_training in zip(modules, old_training):
-            m.train(was_training)
     if out_dir is not None:
-        log.info("wrote %d images and index.json to %s", len(index), out_dir)
-
-
-def _write_index(
-    out_dir: Path, images: Sequence[dict[str, Any]], concept: str | None, base_model: str
-) -> None:
-    doc = {
-        "format": INDEX_FORMAT,
-        "concept": concept,
-        "base_model": base_model,
-        "images": list(images),
-    }
-    atomic_write_text(out_dir / "index.json", json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+        log.info("wrote %d images and index.json to %s", len(done), out_dir)
 
 
 def generate(

@@ -28,6 +28,7 @@ from mixofshow.optim.full_grad import FullGradients, full_gradients_for
 from mixofshow.optim.groups import lora_param_groups
 from mixofshow.optim.registry import OptimizerSpec, build_optimizer
 from mixofshow.train.config import TrainConfig
+from mixofshow.train.distributed import batch_share
 from mixofshow.train.losses import lr_factor
 from mixofshow.utils.config import ConfigError
 
@@ -98,13 +99,20 @@ class Setup:
         """Micro-batch ``micro`` of ``step``: sample ``k`` is item ``perm(k // n)[k % n]`` (epochs)."""
         t = self.config.train
         n = len(self.dataset)
-        indices, generators = [], []
-        for j in range(t.batch_size):
-            k = (step * t.gradient_accumulation_steps + micro) * t.batch_size + j  # sample counter
+        # the global batch (batch_size x processes) comes from one seeded stream; this process
+        # takes its share of it (mixofshow/train/distributed.py)
+        acc = self.accelerator
+        global_batch = t.batch_size * acc.num_processes
+        indices, generators, noise = [], [], []
+        for j in batch_share(t.batch_size, acc.process_index):
+            k = (step * t.gradient_accumulation_steps + micro) * global_batch + j  # sample counter
             perm = torch.randperm(n, generator=seeded(self.config.seed, 1, k // n))
             indices.append(int(perm[k % n]))
             generators.append(seeded(self.config.seed, 2, k))
-        return collate([self.dataset.get(i, g) for i, g in zip(indices, generators)])
+            noise.append(seeded(self.config.seed, 4, k))
+        batch = collate([self.dataset.get(i, g) for i, g in zip(indices, generators)])
+        batch["noise_generators"] = noise  # per sample: the draws do not depend on how batches are split
+        return batch
 
     def freeze_embeddings(self) -> None:
         """Stop training the concept-token rows (Mix-of-Show freezes them at a mean norm)."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mixofshow.utils.config import ConfigError, from_dict, load_yaml
+from mixofshow.utils.config import Bounds, ConfigError, apply_overrides, check_bounds, from_dict, load_yaml
 
 __all__ = [
     "DataConfig",
@@ -20,6 +20,7 @@ __all__ = [
     "TrainLoopConfig",
     "ValidationConfig",
     "TrainConfig",
+    "VALUE_BOUNDS",
     "load_train_config",
 ]
 
@@ -110,15 +111,44 @@ class TrainConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def __post_init__(self) -> None:
-        if self.train.max_steps < 1:
-            raise ValueError(f"train.max_steps must be >= 1, got {self.train.max_steps}")
-        if self.train.batch_size < 1 or self.train.gradient_accumulation_steps < 1:
-            raise ValueError("train.batch_size and train.gradient_accumulation_steps must be >= 1")
+        check_bounds(self, VALUE_BOUNDS)
         if not self.concept.words:
             raise ValueError("concept.words must list at least one concept word, e.g. ['<potter1>']")
         for word in self.concept.class_words:
             if word not in self.concept.words:
                 raise ValueError(f"concept.class_words names {word!r}, which is not in concept.words")
+
+
+# Allowed values, checked whenever a TrainConfig is built (configs/README.md gives the meanings).
+VALUE_BOUNDS: dict[str, Bounds] = {
+    "data.resolution": Bounds(ge=8, multiple_of=8),
+    "data.flip_p": Bounds(ge=0, le=1),
+    "concept.init_std": Bounds(ge=0),
+    "concept.freeze_norm": Bounds(gt=0),
+    "lora.rank": Bounds(ge=1),
+    "lora.scale": Bounds(),
+    "lora.rank_dropout": Bounds(ge=0, lt=1),
+    "optimizer.lr_embedding": Bounds(ge=0),
+    "optimizer.lr_text_encoder": Bounds(ge=0),
+    "optimizer.lr_unet": Bounds(ge=0),
+    "optimizer.weight_decay_embedding": Bounds(ge=0),
+    "train.max_steps": Bounds(ge=1),
+    "train.batch_size": Bounds(ge=1),
+    "train.gradient_accumulation_steps": Bounds(ge=1),
+    "train.warmup_steps": Bounds(ge=0),
+    "train.max_grad_norm": Bounds(gt=0),
+    "train.noise_offset": Bounds(ge=0),
+    "train.attention_reg_weight": Bounds(ge=0),
+    "train.checkpoint_every": Bounds(ge=0),
+    "train.keep_checkpoints": Bounds(ge=1),
+    "train.log_every": Bounds(ge=1),
+    "train.max_skipped_steps": Bounds(ge=0),
+    "validation.every": Bounds(ge=-1),
+    "validation.lora_scales": Bounds(),
+    "validation.num_images": Bounds(ge=1),
+    "validation.steps": Bounds(ge=1),
+    "validation.guidance_scale": Bounds(),
+}
 
 
 def load_train_config(
@@ -131,12 +161,7 @@ def load_train_config(
     """
     path = Path(path)
     data = {k: v for k, v in load_yaml(path).items() if k not in ignore}
-    for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
+    apply_overrides(data, overrides or {}, where=str(path))
     config = from_dict(TrainConfig, data, where=str(path))
     base = path.parent
     config.data.concept_list = _relative_to(base, config.data.concept_list)

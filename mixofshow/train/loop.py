@@ -8,7 +8,10 @@ checkpoint, validate), the learning rate, forward/backward over the micro-batche
 checkpoint, the concept file, validation samples and ``metrics.json``.
 
 Every random draw of step ``t`` comes from generators seeded with ``(seed, t)``, so a run that
-is stopped and resumed from a checkpoint repeats the straight run exactly.
+is stopped and resumed from a checkpoint repeats the straight run exactly. Under ``accelerate
+launch`` the processes train data-parallel (``distributed.py``): each takes its share of every
+batch, gradients are averaged after backward, requests are agreed, and only the main process
+writes.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from mixofshow.concepts.io import save_concept
 from mixofshow.optim.full_grad import clip_grad_norm_, finish_backward_
 from mixofshow.train.build import Setup, build_run, make_accelerator, seeded
 from mixofshow.train.config import TrainConfig, check_config
+from mixofshow.train.distributed import any_process, average_gradients, check_strategy, reduce_mean
 from mixofshow.train.finite import NonFiniteError, measure_step
 from mixofshow.train.folder import RunFolder, claim_run_folder, clear_run, flatten_config
 from mixofshow.train.objective import LossOptions, edlora_loss
@@ -92,15 +96,19 @@ def train(
     """
     check_config(config)
     _check_nan_keys(config)
+    check_strategy(config.optimizer.name)  # DDP only: FSDP / DeepSpeed refused with the reason
+    accelerator = make_accelerator(config)
     folder = claim_run_folder(config, resume=resume, overwrite=overwrite)
+    accelerator.wait_for_everyone()  # every process has read the folder before the main one changes it
     if folder.finished:
         return _already_finished(folder, config)
-    accelerator = make_accelerator(config)
     setup = build_run(config, accelerator)
-    clear_run(folder)  # --overwrite: the old run goes only now that the new one is built
     out = folder.path
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
+    if accelerator.is_main_process:  # the only process that writes
+        clear_run(folder)  # --overwrite: the old run goes only now that the new one is built
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
+    accelerator.wait_for_everyone()
     state = restore_run(setup, folder.checkpoint) if folder.checkpoint else RunState()
     if folder.checkpoint:
         log.info("resumed from %s (step %d)", folder.checkpoint, state.step)
@@ -109,7 +117,8 @@ def train(
     try:
         return _run(setup, state, folder, progress, should_stop, commands)
     finally:
-        accelerator.end_training()
+        for tracker in accelerator.trackers:  # not end_training(): it would end the process group,
+            tracker.finish()  # which later train() calls in a launched process still need
 
 
 def _run(setup: Setup, state: RunState, folder: RunFolder, progress, should_stop, commands) -> TrainResult:
@@ -130,17 +139,32 @@ def _run(setup: Setup, state: RunState, folder: RunFolder, progress, should_stop
             progress(TrainProgress(state.step, t.max_steps, loss, lr, time.perf_counter() - started, phase,
                                    None if path is None else str(path)))
 
+    main = accelerator.is_main_process  # the only process that writes (and validates)
+
+    def validate(step: int) -> Path | None:
+        path = run_validation(model, config, step, accelerator.device) if main else None
+        accelerator.wait_for_everyone()
+        return path
+
     def checkpoint() -> Path:
         clock.collect(state, wait=True)
-        try:
-            path = save_run(setup, state)
-        except NonFiniteError as err:  # the last update made a weight non-finite
-            message = (f"{err}. The last finite checkpoint is kept ({result.last_checkpoint}); "
-                       "no concept file was written")
-            write_metrics(out, build_metrics(setup, state, stopped=False, concept_path=None, error=message))
-            raise NonFiniteError(message, err.step) from None
+        error = None
+        path = out / "checkpoints" / f"step_{state.step:06d}"  # the main process's (shared file system)
+        if main:
+            try:
+                path = save_run(setup, state)
+            except NonFiniteError as err:  # the last update made a weight non-finite
+                error = err
+        if any_process(error is not None, accelerator.device):  # the same weights everywhere: all stop
+            message = (f"{error or 'non-finite weights (see the main process)'}. The last finite checkpoint "
+                       f"is kept ({result.last_checkpoint}); no concept file was written")
+            if main:
+                write_metrics(out, build_metrics(setup, state, stopped=False, concept_path=None, error=message))
+            raise NonFiniteError(message, error.step if error else state.step) from None
         result.last_checkpoint = path
-        write_metrics(out, build_metrics(setup, state, stopped=False, concept_path=None))
+        if main:
+            write_metrics(out, build_metrics(setup, state, stopped=False, concept_path=None))
+        accelerator.wait_for_everyone()
         return path
 
     bar = tqdm(total=t.max_steps, initial=state.step, desc=f"train {config.name}",
@@ -150,8 +174,10 @@ def _run(setup: Setup, state: RunState, folder: RunFolder, progress, should_stop
         for step in range(state.step, t.max_steps):
             # 1. the caller's requests, between steps
             wanted = _requests(commands, should_stop)
+            if accelerator.num_processes > 1:  # agreed: what any process was asked, all do at this step
+                wanted = {r for r in REQUESTS if any_process(r in wanted, accelerator.device)}
             if "validate" in wanted:
-                report("validate", run_validation(model, config, step, accelerator.device))
+                report("validate", validate(step))
             if "checkpoint" in wanted or "stop" in wanted:
                 report("checkpoint", checkpoint())
             if "stop" in wanted:
@@ -161,9 +187,17 @@ def _run(setup: Setup, state: RunState, folder: RunFolder, progress, should_stop
             # 2. learning rate; rank dropout draws from the global RNG, seeded per step
             tick = time.perf_counter()
             lr = setup.set_lr(step)
-            torch.manual_seed(seeded(config.seed, 3, step).initial_seed())
+            ranks = (accelerator.process_index,) if accelerator.num_processes > 1 else ()  # own masks per process
+            torch.manual_seed(seeded(config.seed, 3, step, *ranks).initial_seed())
             # 3. forward / backward over the micro-batches (gradients accumulate)
             loss, terms = _forward_backward(setup, step, options)
+            if accelerator.num_processes > 1:
+                # DDP: every process steps on the global batch's factor and embedding gradients
+                # (G: in finish_backward_ below) and reports the global batch's loss
+                average_gradients(params)
+                names = sorted(terms)
+                means = reduce_mean(torch.stack([loss, *(torch.as_tensor(terms[n]) for n in names)]))
+                loss, terms = means[0], dict(zip(names, means[1:]))
             # 4. one check of loss terms, gradients and weights: the step's only host sync
             health = measure_step(loss, terms, groups, check_grads, {"norm": model.concept_mean_norm()})
             clock.collect(state)
@@ -199,7 +233,7 @@ def _run(setup: Setup, state: RunState, folder: RunFolder, progress, should_stop
                     accelerator.log({"loss": health.loss, "lr": lr, "embedding_norm": health.extra["norm"]}, step=done)
             report("train")
             if config.validation.every > 0 and done % config.validation.every == 0 and done < t.max_steps:
-                report("validate", run_validation(model, config, done, accelerator.device))
+                report("validate", validate(done))
             if t.checkpoint_every and done % t.checkpoint_every == 0 and done < t.max_steps:
                 report("checkpoint", checkpoint())
     finally:
@@ -207,15 +241,17 @@ def _run(setup: Setup, state: RunState, folder: RunFolder, progress, should_stop
 
     if not result.stopped:
         checkpoint()
-        result.concept_path = _save_concept(setup, state)
+        result.concept_path = _save_concept(setup, state) if main else out / f"{config.name}.safetensors"
         if config.validation.every >= 0:
-            run_validation(model, config, state.step, accelerator.device)
+            validate(state.step)
+        accelerator.wait_for_everyone()
         report("done", result.concept_path)
     state.update(accelerator.device)
     result.steps = state.step
     result.metrics = build_metrics(setup, state, stopped=result.stopped, concept_path=result.concept_path)
     result.finished = bool(result.metrics["finished"])
-    write_metrics(out, result.metrics)
+    if main:
+        write_metrics(out, result.metrics)
     return result
 
 
@@ -226,8 +262,8 @@ def _forward_backward(setup: Setup, step: int, options: LossOptions) -> tuple[to
     loss_sum, term_sums = torch.zeros((), device=accelerator.device), {}
     for micro in range(n):
         batch = setup.micro_batch(step, micro)
-        gen = seeded(config.seed, 4, step, micro)
-        loss, terms = edlora_loss(setup.model, setup.noise_scheduler, batch, gen, options, accelerator.autocast())
+        gens = batch["noise_generators"]  # one per image (build.py): any split of the batch draws the same
+        loss, terms = edlora_loss(setup.model, setup.noise_scheduler, batch, gens, options, accelerator.autocast())
         accelerator.backward(loss / n)
         loss_sum = loss_sum + loss.detach() / n
         for name, term in terms.items():
@@ -269,8 +305,9 @@ def _skip_or_stop(setup: Setup, state: RunState, result: TrainResult, step: int,
         "skip-step to skip single bad steps"
     )
     state.update(setup.accelerator.device)
-    write_metrics(Path(setup.config.output_dir),
-                  build_metrics(setup, state, stopped=False, concept_path=None, error=message))
+    if setup.accelerator.is_main_process:
+        write_metrics(Path(setup.config.output_dir),
+                      build_metrics(setup, state, stopped=False, concept_path=None, error=message))
     raise NonFiniteError(message, step + 1)
 
 

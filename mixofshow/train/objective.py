@@ -14,6 +14,7 @@ back as it was.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -39,21 +40,35 @@ def edlora_loss(
     model: EDLoRA,
     noise_scheduler: DDPMScheduler,
     batch: dict[str, Any],
-    generator: torch.Generator,
+    generator: torch.Generator | Sequence[torch.Generator],
     options: LossOptions,
     autocast: AbstractContextManager | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(total loss, {term name: unweighted term}) of one micro-batch; every draw from ``generator``."""
+    """(total loss, {term name: unweighted term}) of one micro-batch; every draw from ``generator``.
+
+    ``generator`` may be one generator per image: then each image's VAE sample, noise and
+    timestep come from its own, and do not depend on which images share the batch (how the
+    training loop draws, so that N processes draw what one process with N times the batch does).
+    """
     device, pipe = options.device, model.pipe
     vae_dtype = next(pipe.vae.parameters()).dtype
+    gens = [generator] if isinstance(generator, torch.Generator) else list(generator)
+    split = not isinstance(generator, torch.Generator)
+
+    def draw(shape: tuple[int, ...], fn) -> torch.Tensor:  # the whole batch from one generator, or per image
+        if not split:
+            return fn(shape, gens[0])
+        return torch.cat([fn((1, *shape[1:]), g) for g in gens])
+
     with torch.no_grad():
         pixels = batch["pixel_values"].to(device, vae_dtype)
         dist = pipe.vae.encode(pixels).latent_dist
-        eps = torch.randn(dist.mean.shape, generator=generator).to(device, dist.mean.dtype)
+        eps = draw(dist.mean.shape, lambda shape, g: torch.randn(shape, generator=g)).to(device, dist.mean.dtype)
         latents = ((dist.mean + dist.std * eps) * pipe.vae.config.scaling_factor).float()
-    noise = offset_noise(latents, options.noise_offset, generator)
+    noise = draw(latents.shape, lambda shape, g: offset_noise(torch.empty(shape), options.noise_offset, g))
+    noise = noise.to(device)
     num_steps = noise_scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, num_steps, (latents.shape[0],), generator=generator).to(device)
+    timesteps = draw(latents.shape[:1], lambda shape, g: torch.randint(0, num_steps, shape, generator=g)).to(device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     if noise_scheduler.config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(latents, noise, timesteps)

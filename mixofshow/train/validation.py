@@ -1,4 +1,9 @@
-"""Validation grids during training: each prompt at each LoRA scale (0 shows the embeddings alone)."""
+"""Validation samples during training: each prompt at each LoRA scale (0 shows the embeddings alone).
+
+``samples/step_N/scale_S/`` holds the PNGs (with ``index.json``) of each scale and
+``samples/step_N/grid.png`` all of them at once: one row per scale (in ``validation.lora_scales``
+order), one column per image (prompt by prompt, seeds ``seed..seed+num_images-1``).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from mixofshow.data import load_prompt_list
 from mixofshow.models.identity import sampling_state
 from mixofshow.train.config import TrainConfig
 
-__all__ = ["validation_prompts", "run_validation"]
+__all__ = ["validation_prompts", "validation_folder", "run_validation"]
 
 log = logging.getLogger(__name__)
 
@@ -25,16 +30,23 @@ def validation_prompts(config: TrainConfig) -> list[str]:
     return prompts
 
 
+def validation_folder(config: TrainConfig, step: int) -> Path:
+    """Where the validation samples of ``step`` go."""
+    return Path(config.output_dir) / "samples" / f"step_{step:06d}"
+
+
 @torch.no_grad()
 def run_validation(model: EDLoRA, config: TrainConfig, step: int, device) -> Path | None:
     """Sample the validation prompts at every configured LoRA scale into ``samples/step_N``."""
+    from mixofshow.sample.grid import save_grid
     from mixofshow.sample.pipeline import SampleConfig, generate
 
     prompts = validation_prompts(config)
     if not prompts:
         return None
     v = config.validation
-    folder = Path(config.output_dir) / "samples" / f"step_{step:06d}"
+    folder = validation_folder(config, step)
+    rows = []
     with sampling_state(model.pipe):  # eval mode; train modes and LoRA scales restored after
         for scale in v.lora_scales:
             sample_cfg = SampleConfig(
@@ -47,6 +59,8 @@ def run_validation(model: EDLoRA, config: TrainConfig, step: int, device) -> Pat
                 lora_scale=scale,
                 output_dir=str(folder / f"scale_{scale:g}"),
             )
-            generate(model.pipe, model.encoder, sample_cfg, progress=False)
-    log.info("validation samples of step %d in %s", step, folder)
+            rows.append([s.image for s in generate(model.pipe, model.encoder, sample_cfg, progress=False)])
+    if rows:
+        save_grid(folder / "grid.png", rows)
+    log.info("validation samples of step %d in %s (grid.png: one row per LoRA scale)", step, folder)
     return folder

@@ -2,6 +2,10 @@
 
 Every file the project writes goes through :func:`atomic_write_bytes`: temp file in the same
 folder, fsync, rename. A killed process leaves the old file or the new one, never half of one.
+Files get the mode a plain ``open()`` would give them (``0666`` less the user's umask: ``0644``
+by default), not ``mkstemp``'s private ``0600``. A write that fails because of the place (no
+space, read-only, no permission) raises :class:`~mixofshow.utils.paths.OutputPathError` naming
+the file. Output locations are checked before any work by :mod:`mixofshow.utils.paths`.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+
+from mixofshow.utils.paths import current_umask, place_error
 
 __all__ = [
     "atomic_write_bytes",
@@ -37,16 +43,22 @@ class FileFormatError(ValueError):
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise place_error(path, err) from None
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())  # as open() would, not mkstemp's 0600
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise place_error(path, err) from None
         raise
     _fsync_dir(path.parent)
 
