@@ -209,3 +209,23 @@ def test_compare_two_optimizers_reports_table_plots_and_curves(server):
     with pytest.raises(AppError, match="optimizers"):
         client.predict("bad", "shipped concept", "robot", None, "", 64, [], "0", 2, "", 1, 2, 2, "tiny", "",
                        api_name="/compare_submit")
+
+
+def test_sample_with_two_region_boxes(server):
+    client = server.client()
+    concept = server.runs_dir / "regions" / "regions.safetensors"
+    if not concept.is_file():
+        wait_for(client, _submit(client, "regions", 2), lambda j: j["state"] in ("done", "failed"))
+    assert concept.is_file()
+    boxes = "0, 0, 0.5, 1: a photo of <robot1> <robot2>\n0.5, 0, 1, 1: a photo of a cat"
+    preview = client.predict(boxes, api_name="/sample_region_preview")
+    assert Path(preview).is_file()
+    _, sample_id = client.predict(str(concept), "a photo of <robot1> <robot2> and a cat", "", 0, 1, 2, 7.5, "ddim",
+                                  1.0, boxes, api_name="/sample_submit")
+    info = wait_for(client, sample_id, lambda j: j["state"] in ("done", "failed"))
+    assert info["state"] == "done", info
+    index = json.loads((Path(info["run_dir"]) / "index.json").read_text())
+    [image] = index["images"]
+    assert (Path(info["run_dir"]) / image["file"]).is_file()
+    assert [r["prompt"] for r in image["regions"]] == ["a photo of <robot1> <robot2>", "a photo of a cat"]
+    assert [r["box"] for r in image["regions"]] == [[0.0, 0.0, 1.0, 0.5], [0.0, 0.5, 1.0, 1.0]]  # top, left, bottom, right
