@@ -56,6 +56,12 @@ def job_summary(job: Job) -> str:
         loss = f"{p['loss']:.4f}" if isinstance(p.get("loss"), (int, float)) else "-"
         lines.append(f"step {p['step']} / {p.get('max_steps')} · loss {loss} · "
                      f"{fmt_seconds(p.get('seconds_per_step'))}/step · ETA {fmt_seconds(p.get('eta')) if job.state == 'running' else '-'}")
+    elif job.kind == "compare" and p.get("phase"):
+        where = f" `{p['run']}` {p.get('step', 0)} / {p.get('total', 0)}" if p.get("run") else ""
+        eta = fmt_seconds(p.get("eta")) if job.state == "running" else "-"
+        lines.append(f"{p['phase']}{where} · runs done {p.get('runs_done', 0)} / {p.get('runs_total', 0)} · ETA {eta}")
+        if p.get("clip_note"):
+            lines.append(f"CLIP scores n/a: {p['clip_note']}")
     elif p.get("total"):
         lines.append(f"{p.get('phase', '')}: {p.get('done', 0)} / {p['total']} images")
     elif p.get("phase"):
@@ -66,7 +72,7 @@ def job_summary(job: Job) -> str:
                      f"{fmt_seconds(end - job.started)}")
     if job.error:
         lines.append(f"⚠ {job.error}")
-    if job.state in ("stopped", "interrupted") and job.kind == "train":
-        lines.append("Resume continues from the last checkpoint.")
+    if job.state in ("stopped", "interrupted") and job.kind in ("train", "compare"):
+        lines.append("Resume continues from the last checkpoint" + (" (finished runs are kept)." if job.kind == "compare" else "."))
     lines.append(f"run folder: `{job.run_dir}`")
     return "  \n".join(lines)

@@ -1,6 +1,6 @@
 """The app's job store: one SQLite file (``<runs dir>/jobs.sqlite``) that outlives the web server.
 
-A job is one train / fuse / sample run: its kind, config (JSON), state, progress (JSON), loss
+A job is one train / fuse / sample / compare run: its kind, config (JSON), state, progress (JSON), loss
 points, timestamps and run folder. The web server only writes requests here (new job, reorder,
 cancel, resume, commands for a running training); the worker process (``app/worker.py``)
 claims queued jobs one at a time per device and reports progress back. Closing the browser or
@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Job", "JobStore", "KINDS", "RESUMABLE", "STATES", "TRAIN_COMMANDS", "pid_alive"]
+__all__ = ["Job", "JobStore", "KINDS", "RESUMABLE", "RESUMES", "STATES", "TRAIN_COMMANDS", "pid_alive"]
 
-KINDS = ("train", "fuse", "sample")
+KINDS = ("train", "fuse", "sample", "compare")
+RESUMES = ("train", "compare")  # kinds that continue where they stopped (compare: finished runs are kept)
 STATES = ("queued", "running", "done", "failed", "stopped", "interrupted", "cancelled")
-RESUMABLE = ("stopped", "interrupted", "failed")  # a training job in these states can resume
+RESUMABLE = ("stopped", "interrupted", "failed")  # a training / compare job in these states can resume
 TRAIN_COMMANDS = ("stop", "checkpoint", "validate")  # see mixofshow.train.loop.train(commands=)
 
 _SCHEMA = """
@@ -197,10 +198,10 @@ class JobStore:
         raise ValueError(f"job #{job_id} is {job.state}; only queued or running jobs can be cancelled")
 
     def resume(self, job_id: int) -> Job:
-        """Queue a stopped / interrupted / failed training job again, continuing from its checkpoint."""
+        """Queue a stopped / interrupted / failed training or compare job again, continuing where it stopped."""
         job = self.get(job_id)
-        if job.kind != "train" and job.state != "interrupted":
-            raise ValueError(f"job #{job_id} is a {job.kind} job; only training jobs resume "
+        if job.kind not in RESUMES and job.state != "interrupted":
+            raise ValueError(f"job #{job_id} is a {job.kind} job; only training and compare jobs resume "
                              "(submit it again instead)")
         if job.state not in RESUMABLE:
             raise ValueError(f"job #{job_id} is {job.state}; only {', '.join(RESUMABLE)} jobs can resume")

@@ -9,6 +9,8 @@ web server may serve files from)::
     <runs>/fused/<name>/<name>.safetensors   a fused model (and app.log)
     <runs>/samples/<id>/            a sample set (PNG files and index.json)
     <runs>/uploads/<id>/            uploaded training images (app/uploads.py)
+    <runs>/compare/<name>/          an optimizer comparison (mixofshow compare's folder: runs/,
+                                    comparison.md/.csv/.json, loss_curves.png, scores.png, grid.png)
     <runs>/presets/<name>.yaml      saved training presets (the YAML `mixofshow train` takes)
 
 A run made by ``mixofshow train --output-dir <runs>/<name>`` outside the app shows up too.
@@ -24,7 +26,7 @@ from typing import Any
 
 __all__ = ["RunInfo", "concept_files", "images_of", "inside", "list_runs", "read_text"]
 
-_SPECIAL = {"fused", "samples", "uploads", "presets", "exports"}
+_SPECIAL = {"fused", "samples", "uploads", "presets", "exports", "compare"}
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 

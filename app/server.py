@@ -19,6 +19,7 @@ from pathlib import Path
 import gradio as gr
 
 from app.context import AppContext
+from app.tab_compare import build_compare_tab
 from app.jobs import JobStore
 from app.tab_fuse import _trained, build_fuse_tab
 from app.tab_queue import build_queue_tab
@@ -48,6 +49,8 @@ def build_app(ctx: AppContext) -> gr.Blocks:
                 fuse_concepts = build_fuse_tab(ctx)
             with gr.Tab("Sample", id="sample") as sample_tab:
                 sample_concept = build_sample_tab(ctx)
+            with gr.Tab("Compare", id="compare"):
+                build_compare_tab(ctx)
             with gr.Tab("Runs", id="runs") as runs_tab:
                 run, refresh_runs = build_runs_tab(ctx)
             with gr.Tab("Queue", id="queue"):

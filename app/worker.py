@@ -9,7 +9,7 @@ recorded as ``interrupted``, ready to resume; a hard deadline then ends the proc
 
 Each job logs to ``<run folder>/app.log``. The worker drives the library only:
 ``mixofshow.train.loop.train``, ``mixofshow.fuse.run.fuse_concepts``,
-``mixofshow.sample.pipeline.iter_samples``.
+``mixofshow.sample.pipeline.iter_samples``, ``mixofshow.evaluate.compare``.
 """
 
 from __future__ import annotations
@@ -120,7 +120,47 @@ def _sample(store: JobStore, job: Job, shutdown: threading.Event) -> str:
     return "done"
 
 
-_RUNNERS = {"train": _train, "fuse": _fuse, "sample": _sample}
+def _compare(store: JobStore, job: Job, shutdown: threading.Event) -> str:
+    """``compare`` into the job's folder; a stop request cancels it, resubmitting resumes it."""
+    from mixofshow.evaluate import compare
+    from mixofshow.utils.io import atomic_write_text
+
+    c = job.config["compare"]
+    run_dir = Path(job.run_dir)
+    train_cfg = dict(c["train"])
+    train_cfg["train"] = dict(train_cfg.get("train") or {}, device=job.device)
+    config_path = run_dir / "compare_config.yaml"
+    atomic_write_text(config_path, yaml.safe_dump(train_cfg, sort_keys=False))
+    stop = {"asked": False}
+    state: dict[str, Any] = {"runs": {}}
+    clock = {"last": 0.0}
+
+    def should_stop() -> bool:
+        if shutdown.is_set() or "stop" in store.take_commands(job.id):
+            stop["asked"] = True
+        return stop["asked"]
+
+    def progress(p) -> None:
+        state.update(phase=p.phase, run=p.run, step=p.step, total=p.total, runs_done=p.runs_done,
+                     runs_total=p.runs_total, eta=p.eta_seconds, message=p.message)
+        if p.run and p.phase in ("train", "lr-grid"):
+            state["runs"][p.run] = [p.step, p.total]
+        now = time.perf_counter()
+        if p.phase not in ("train", "lr-grid") or now - clock["last"] >= _REPORT_EVERY or p.step == p.total:
+            store.report(job.id, dict(state))
+            clock["last"] = now
+
+    result = compare(config_path, c["optimizers"], seeds=c["seeds"], steps=c["steps"], output_dir=run_dir,
+                     progress=progress, should_stop=should_stop, **c.get("options", {}))
+    if result.cancelled:
+        store.report(job.id, dict(state, phase="cancelled"))
+        return "interrupted" if shutdown.is_set() else "stopped"
+    store.report(job.id, dict(state, phase="done", clip_note=result.clip_note,
+                              files={k: str(v) for k, v in result.files.items()}))
+    return "done"
+
+
+_RUNNERS = {"train": _train, "fuse": _fuse, "sample": _sample, "compare": _compare}
 
 
 def run_job(store: JobStore, job: Job, shutdown: threading.Event | None = None) -> str:

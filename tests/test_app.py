@@ -4,6 +4,7 @@ and a server killed mid-job."""
 
 from __future__ import annotations
 
+import json
 import time
 import urllib.error
 import urllib.request
@@ -177,3 +178,59 @@ def test_presets_are_the_yaml_the_cli_takes(server):
     assert values[:2] == ("shipped concept", "robot") and values[3:5] == ("preset-run", "<robot1> <robot2>")
     assert values[8] == "loraplus" and values[10] == 7
     assert values[18 + ratio]["label"] == "ratio" and values[18 + ratio]["value"] == "8"  # the form for loraplus
+
+
+def test_compare_two_optimizers_reports_table_plots_and_curves(server):
+    client = server.client()
+    _, job_id = client.predict(
+        "cmp", "shipped concept", "robot", None, "", 64, ["adamw", "scaled_adamw"], "0", 2, "", 1, 2, 2, "tiny", "",
+        api_name="/compare_submit")
+    info = wait_for(client, job_id, lambda j: j["state"] in ("done", "failed", "stopped"), timeout=180)
+    assert info["state"] == "done", info
+    out = Path(info["run_dir"])
+    assert out.parent == server.runs_dir / "compare"
+    assert info["progress"]["phase"] == "done" and info["progress"]["runs_total"] == 2
+    assert sorted(info["progress"]["runs"]) == sorted(p.name for p in (out / "runs").iterdir())
+    assert all(done == total == 2 for done, total in info["progress"]["runs"].values())
+    _, status, curves, report, plots = client.predict(str(job_id), api_name="/compare_refresh")
+    assert "done" in status
+    md = (out / "comparison.md").read_text()
+    assert report.strip() == md.strip() and "adamw" in md and "scaled_adamw" in md
+    assert sorted(p["caption"] for p in plots) == ["grid.png", "loss_curves.png", "scores.png"]
+    assert Path(curves).name == "live_loss_curves.png" and Path(curves).stat().st_size > 0
+    from app.tab_compare import loss_curves
+
+    frame = loss_curves(out)
+    runs = set(frame.run)
+    assert len(runs) == 2 and len(frame) == 4  # 2 runs x 2 steps, from the run folders
+    first = json.loads((out / "runs" / sorted(runs)[0] / "metrics.json").read_text())["losses"]
+    assert frame[frame.run == sorted(runs)[0]].loss.tolist() == pytest.approx(first)
+
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="seeds"):
+        client.predict("bad", "shipped concept", "robot", None, "", 64, ["adamw"], "0, 0", 2, "", 1, 2, 2, "tiny", "",
+                       api_name="/compare_submit")
+    with pytest.raises(AppError, match="optimizers"):
+        client.predict("bad", "shipped concept", "robot", None, "", 64, [], "0", 2, "", 1, 2, 2, "tiny", "",
+                       api_name="/compare_submit")
+
+
+def test_sample_with_two_region_boxes(server):
+    client = server.client()
+    concept = server.runs_dir / "regions" / "regions.safetensors"
+    if not concept.is_file():
+        wait_for(client, _submit(client, "regions", 2), lambda j: j["state"] in ("done", "failed"))
+    assert concept.is_file()
+    boxes = "0, 0, 0.5, 1: a photo of <robot1> <robot2>\n0.5, 0, 1, 1: a photo of a cat"
+    preview = client.predict(boxes, api_name="/sample_region_preview")
+    assert Path(preview).is_file()
+    _, sample_id = client.predict(str(concept), "a photo of <robot1> <robot2> and a cat", "", 0, 1, 2, 7.5, "ddim",
+                                  1.0, boxes, api_name="/sample_submit")
+    info = wait_for(client, sample_id, lambda j: j["state"] in ("done", "failed"))
+    assert info["state"] == "done", info
+    index = json.loads((Path(info["run_dir"]) / "index.json").read_text())
+    [image] = index["images"]
+    assert (Path(info["run_dir"]) / image["file"]).is_file()
+    assert [r["prompt"] for r in image["regions"]] == ["a photo of <robot1> <robot2>", "a photo of a cat"]
+    assert [r["box"] for r in image["regions"]] == [[0.0, 0.0, 1.0, 0.5], [0.0, 0.5, 1.0, 1.0]]  # top, left, bottom, right

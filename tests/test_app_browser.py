@@ -1,4 +1,4 @@
-"""Headless Chromium clicks through Train then Sample and checks that images appear.
+"""Headless Chromium clicks through Train, Sample and Compare and checks that images appear.
 
 Debian's ``chromium`` driven by Python Playwright (``executable_path``; no browser download).
 Screenshots of every tab go to the test's tmp folder and, with ``MIXOFSHOW_SCREENSHOTS=DIR``,
@@ -74,6 +74,20 @@ def test_click_through_train_then_sample(tmp_path):
             page.wait_for_timeout(2500)  # the second image
             assert page.locator("#sample-gallery img").count() >= 2
             _shot(page, tmp_path, "sample")
+
+            page.get_by_role("tab", name="Compare").click()
+            for label, value in (("Seeds", "0"), ("Steps per run", "2"), ("Resolution (shipped concept)", "64"),
+                                 ("Images per prompt", "1"), ("Sampler steps", "2"), ("Held-out loss draws", "2"),
+                                 ("CLIP model ('tiny': random, a pipeline check)", "tiny")):
+                _fill(page, label, value)
+            page.locator("#compare-submit").click()
+            page.locator("#compare-status", has_text="done").wait_for(timeout=240_000)
+            page.locator("#compare-plots img").first.wait_for(timeout=30_000)
+            assert page.locator("#compare-report table").count() >= 1  # comparison.md's table
+            page.set_viewport_size({"width": 1280, "height": 1900})
+            page.wait_for_timeout(2000)
+            _shot(page, tmp_path, "compare")
+            page.set_viewport_size({"width": 1280, "height": 860})
 
             for tab in ("Fuse", "Runs", "Queue"):
                 page.get_by_role("tab", name=tab).click()

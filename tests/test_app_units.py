@@ -131,3 +131,41 @@ def test_region_lines_and_preview():
         parse_regions("0.5, 0, 0.2, 1: backwards")
     img = region_preview("0, 0, 0.5, 1: left", 64, 64)
     assert img.getpixel((0, 32)) != img.getpixel((48, 32))  # the box outline is drawn
+
+
+def test_compare_job_stops_on_request_and_resumes(tmp_path, caplog):
+    """A compare job in the worker: "stop" cancels it after a checkpoint; Resume finishes it."""
+    import threading
+    import time
+
+    from app.tab_compare import compare_request
+    from app.worker import run_job
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    request = compare_request("shipped concept", "robot", None, "", 64, ["adamw"], "0", 20, "", 1, 2, 2, "tiny", "")
+    assert request["train"]["train"]["checkpoint_every"] == 20 and request["optimizers"] == ["adamw"]
+    submitted = store.submit("compare", "c", {"compare": request}, str(tmp_path / "compare" / "c"), "cpu")
+    job = store.claim("cpu", os.getpid())
+    worker = threading.Thread(target=run_job, args=(store, job))
+    worker.start()
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(s >= 2 for s, _ in store.get(job.id).progress.get("runs", {}).values()):
+        time.sleep(0.05)
+    store.send(job.id, "stop")
+    worker.join(timeout=120)
+    stopped = store.get(job.id)
+    assert stopped.state == "stopped", stopped
+    run = next((Path(job.run_dir) / "runs").iterdir())
+    before = json.loads((run / "metrics.json").read_text())
+    steps_at_stop = before["steps"]
+    assert 2 <= steps_at_stop < 20
+    store.resume(submitted.id)
+    again = store.claim("cpu", os.getpid())
+    with caplog.at_level("INFO", logger="mixofshow.train.loop"):
+        assert run_job(store, again) == "done"
+    assert f"(step {steps_at_stop})" in caplog.text and "resumed from" in caplog.text
+    final = store.get(job.id)
+    assert final.progress["phase"] == "done" and (Path(job.run_dir) / "comparison.md").is_file()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 20 and len(metrics["losses"]) == 20
+    assert metrics["losses"][:steps_at_stop] == before["losses"]  # continued from the stop's checkpoint
