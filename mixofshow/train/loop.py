@@ -36,7 +36,9 @@ from mixofshow.train.distributed import any_process, average_gradients, check_st
 from mixofshow.train.finite import NonFiniteError, measure_step
 from mixofshow.train.folder import RunFolder, claim_run_folder, clear_run, flatten_config
 from mixofshow.train.objective import LossOptions, edlora_loss
-from mixofshow.train.state import OptimizerClock, RunState, build_metrics, restore_run, save_run, write_metrics
+from mixofshow.train.state import (
+    OptimizerClock, RunState, build_metrics, recorded_seconds, restore_run, save_run, write_metrics,
+)
 from mixofshow.train.validation import run_validation
 from mixofshow.utils.config import ConfigError, to_dict
 from mixofshow.utils.io import atomic_write_text
@@ -111,6 +113,7 @@ def train(
     accelerator.wait_for_everyone()
     state = restore_run(setup, folder.checkpoint) if folder.checkpoint else RunState()
     if folder.checkpoint:
+        state.seconds = max(state.seconds, recorded_seconds(out, state.step))
         log.info("resumed from %s (step %d)", folder.checkpoint, state.step)
     state.start_session()
     accelerator.init_trackers(config.name, config=_hparams(to_dict(config)))

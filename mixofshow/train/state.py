@@ -31,6 +31,7 @@ from mixofshow.utils.io import atomic_write_text
 
 __all__ = [
     "RunState", "OptimizerClock", "save_run", "restore_run", "build_metrics", "write_metrics", "peak_memory_mb",
+    "recorded_seconds",
 ]
 
 
@@ -218,6 +219,20 @@ def _strict(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_strict(v) for v in value]
     return value
+
+
+def recorded_seconds(output_dir: Path, step: int) -> float:
+    """The run's total ``seconds`` in ``metrics.json`` when it describes ``step``, else 0.
+
+    The last checkpoint of a finished run is written before the concept file and the final
+    validation; the metrics written after them hold the run's true total, which a resume that
+    extends the run must continue from."""
+    try:
+        metrics = json.loads((Path(output_dir) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return 0.0
+    seconds = metrics.get("seconds") if metrics.get("steps") == step else None
+    return float(seconds) if isinstance(seconds, (int, float)) else 0.0
 
 
 def write_metrics(output_dir: Path, metrics: dict[str, Any]) -> None:
