@@ -7,6 +7,10 @@ The job runs ``mixofshow.sample.pipeline.iter_samples`` (what ``mixofshow sample
 Regions: typed as ``x0, y0, x1, y1: prompt`` lines (fractions of the image), previewed as
 boxes, and sampled with ``SampleConfig.regions`` (README "Regional sampling"; a build without
 regional sampling refuses a job with regions).
+
+Conditions: one optional T2I-Adapter condition (README "T2I-Adapter conditions"): an adapter
+(local diffusers folder or hub id, loaded at submit so a bad one is refused there), a control
+image checked by ``app.uploads`` and re-encoded into ``<runs>/uploads/``, and a weight.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from PIL import Image, ImageDraw
 
 from app.context import AppContext, job_choices, job_summary, unique_name
 from app.runs import concept_files
+from app.uploads import UploadError, save_condition_upload
 
 __all__ = ["build_sample_tab", "parse_regions", "region_preview"]
 
@@ -109,6 +114,13 @@ def build_sample_tab(ctx: AppContext):
                 if not _regions_supported():
                     gr.Markdown("Regional sampling needs the regions feature of `mixofshow.sample`, which this "
                                 "build does not have yet: the preview works, sampling with regions is refused.")
+            with gr.Accordion("Conditions (T2I-Adapter)", open=False):
+                cond_adapter = gr.Textbox("", label="Adapter (local diffusers T2IAdapter folder or hub id)",
+                                          placeholder="TencentARC/t2iadapter_keypose_sd14v1")
+                with gr.Row():
+                    cond_image = gr.File(label="Condition image (the output's size)", file_types=["image"],
+                                         type="filepath")
+                    cond_weight = gr.Number(1.0, label="Adapter weight")
             submit = gr.Button("Generate", variant="primary", elem_id="sample-submit")
         with gr.Column(scale=3):
             job = gr.Dropdown(job_choices(ctx, "sample"), label="Sample job", allow_custom_value=True)
@@ -129,7 +141,23 @@ def build_sample_tab(ctx: AppContext):
 
     regions.change(on_regions, regions, preview, api_name="sample_region_preview")
 
-    def on_submit(concept_path, prompts, neg, first_seed, n, n_steps, guidance, sched, scale, region_text):
+    def condition(adapter: str, image: str | None, weight: float) -> list[dict]:
+        """The job's ``conditions`` (JSON): empty, or one checked adapter + uploaded image + weight."""
+        adapter = (adapter or "").strip()
+        if not adapter and not image:
+            return []
+        if not adapter or not image:
+            raise ValueError("a T2I-Adapter condition needs both an adapter and a condition image")
+        from mixofshow.sample.adapters import load_t2i_adapter
+
+        if Path(adapter).is_absolute() or Path(adapter).exists():
+            adapter = str(Path(adapter).resolve())
+        load_t2i_adapter(adapter)  # ValueError naming the adapter when it cannot be loaded
+        saved = save_condition_upload(image, ctx.runs_dir / "uploads")
+        return [{"adapter": adapter, "image": str(saved), "weight": float(weight)}]
+
+    def on_submit(concept_path, prompts, neg, first_seed, n, n_steps, guidance, sched, scale, region_text,
+                  cond_adapter_name=None, cond_image_path=None, cond_weight_value=1.0):
         if not concept_path:
             raise gr.Error("pick a concept or fused model (train or fuse one first)")
         try:
@@ -141,6 +169,7 @@ def build_sample_tab(ctx: AppContext):
             raise gr.Error("regional sampling is not in this build yet (mixofshow.sample has no regions); "
                            "clear the regions to sample the whole image")
         from mixofshow.sample.load import adapter_metadata
+        from mixofshow.sample.adapters import conditions_from_data
         from mixofshow.sample.pipeline import SampleConfig, check_inputs
 
         try:
@@ -152,15 +181,19 @@ def build_sample_tab(ctx: AppContext):
             if region_text.strip():  # boxes as [top, left, bottom, right] fractions (README "Regional sampling")
                 config["regions"] = [{"prompt": p, "box": [y0, x0, y1, x1]}
                                      for (x0, y0, x1, y1), p in parse_regions(region_text)]
-            check_inputs(SampleConfig(**config))
-        except (ValueError, TypeError) as err:
+            conditions = condition(cond_adapter_name, cond_image_path, cond_weight_value)
+            if conditions:
+                config["conditions"] = conditions
+            check_inputs(SampleConfig(**dict(config, conditions=conditions_from_data(conditions, "conditions"))))
+        except (UploadError, ValueError, TypeError) as err:
             raise gr.Error(str(err)) from None
         run = unique_name(ctx, path.stem, ctx.runs_dir / "samples")
         j = ctx.store.submit("sample", run, {"sample": config}, str(ctx.runs_dir / "samples" / run), ctx.device)
         gr.Info(f"queued job #{j.id}: {len(config['prompts']) * config['num_images']} images", duration=4)
         return gr.update(choices=job_choices(ctx, "sample"), value=str(j.id)), str(j.id)
 
-    submit.click(on_submit, [concept, prompt, negative, seed, count, steps, cfg, scheduler, lora_scale, regions],
+    submit.click(on_submit, [concept, prompt, negative, seed, count, steps, cfg, scheduler, lora_scale, regions,
+                               cond_adapter, cond_image, cond_weight],
                  [job, gr.Textbox(visible=False)], api_name="sample_submit")
 
     def refresh(job_id):

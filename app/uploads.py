@@ -19,7 +19,7 @@ from PIL import Image
 
 from mixofshow.utils.io import atomic_write_text
 
-__all__ = ["LIMITS", "UploadError", "UploadLimits", "check_image", "save_concept_upload"]
+__all__ = ["LIMITS", "UploadError", "UploadLimits", "check_image", "save_concept_upload", "save_condition_upload"]
 
 TOKEN = "<TOK>"  # the placeholder captions use (datasets/README.md)
 _FORMATS = {"PNG", "JPEG", "WEBP", "BMP"}
@@ -135,3 +135,14 @@ def save_concept_upload(
         "instance_prompt": TOKEN, "instance_data_dir": "image", "caption_dir": "caption", "mask_dir": "mask",
     }], indent=2))
     return concept_list
+
+
+def save_condition_upload(image: str | os.PathLike, uploads_dir: str | os.PathLike,
+                          limits: UploadLimits = LIMITS) -> Path:
+    """Validate one T2I-Adapter condition image and re-encode it as ``<uploads_dir>/<id>/condition.png``."""
+    img = check_image(image, limits)
+    root = Path(uploads_dir) / uuid.uuid4().hex[:12]
+    root.mkdir(parents=True, exist_ok=True)
+    out = root / "condition.png"
+    img.save(out)
+    return out

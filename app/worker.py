@@ -100,7 +100,10 @@ def _sample(store: JobStore, job: Job, shutdown: threading.Event) -> str:
     from mixofshow.sample.load import load_adapter
     from mixofshow.sample.pipeline import SampleConfig, check_inputs, iter_samples
 
+    from mixofshow.sample.adapters import conditions_from_data
+
     c = dict(job.config["sample"])
+    c["conditions"] = conditions_from_data(c.get("conditions"), f"job #{job.id}") or None
     config = SampleConfig(**c, output_dir=job.run_dir)
     check_inputs(config)
     total = len(config.prompts) * config.num_images

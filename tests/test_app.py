@@ -234,3 +234,48 @@ def test_sample_with_two_region_boxes(server):
     assert (Path(info["run_dir"]) / image["file"]).is_file()
     assert [r["prompt"] for r in image["regions"]] == ["a photo of <robot1> <robot2>", "a photo of a cat"]
     assert [r["box"] for r in image["regions"]] == [[0.0, 0.0, 1.0, 0.5], [0.0, 0.5, 1.0, 1.0]]  # top, left, bottom, right
+
+
+def test_sample_with_a_t2i_adapter_condition(server, tmp_path):
+    import numpy as np
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+    from PIL import Image
+
+    from tests.test_adapters import tiny_adapter
+
+    client = server.client()
+    concept = server.runs_dir / "regions" / "regions.safetensors"
+    if not concept.is_file():
+        wait_for(client, _submit(client, "regions", 2), lambda j: j["state"] in ("done", "failed"))
+    assert concept.is_file()
+    folder = tmp_path / "t2iadapter_tiny"
+    tiny_adapter().save_pretrained(folder)
+    pose = tmp_path / "pose.png"  # the embedded model samples 128 x 128
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(pose)
+    args = [str(concept), "a photo of <robot1> <robot2>", "", 0, 1, 2, 7.5, "ddim", 1.0, ""]
+    with pytest.raises(AppError, match="cannot load a diffusers T2IAdapter"):
+        client.predict(*args, str(tmp_path / "missing"), handle_file(str(pose)), 1.0, api_name="/sample_submit")
+    with pytest.raises(AppError, match="needs both an adapter and a condition image"):
+        client.predict(*args, str(folder), None, 1.0, api_name="/sample_submit")
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    with pytest.raises(AppError, match="notes.png: not an image"):
+        client.predict(*args, str(folder), handle_file(str(text)), 1.0, api_name="/sample_submit")
+
+    _, sample_id = client.predict(*args, str(folder), handle_file(str(pose)), 0.75, api_name="/sample_submit")
+    info = wait_for(client, sample_id, lambda j: j["state"] in ("done", "failed"))
+    assert info["state"] == "done", info
+    [image] = json.loads((Path(info["run_dir"]) / "index.json").read_text())["images"]
+    assert (Path(info["run_dir"]) / image["file"]).is_file()
+    [cond] = image["conditions"]
+    assert cond["adapter"] == str(folder.resolve()) and cond["weight"] == 0.75
+    saved = Path(cond["image"])
+    assert saved.name == "condition.png" and server.runs_dir.resolve() in saved.resolve().parents
+    assert np.array_equal(np.asarray(Image.open(saved)), np.asarray(Image.open(pose)))
+
+    small = tmp_path / "small.png"  # a control image not of the output's size fails the job, saying so
+    Image.open(pose).resize((64, 64)).save(small)
+    _, bad_id = client.predict(*args, str(folder), handle_file(str(small)), 1.0, api_name="/sample_submit")
+    info = wait_for(client, bad_id, lambda j: j["state"] in ("done", "failed"))
+    assert info["state"] == "failed" and "condition image is 64 x 64 (w x h), the output is 128 x 128" in info["error"]
