@@ -25,7 +25,9 @@ def _draws(config, concept_path, draws: int, device: str | None, model) -> Itera
 
     from mixofshow.concepts.edlora import EDLoRA
     from mixofshow.data import ConceptDataset, collate, load_concept_list
+    from mixofshow.models.identity import sampling_state
     from mixofshow.models.loading import load_pipeline
+    from mixofshow.train.objective import denoising_target
 
     if draws < 1:
         raise ValueError(f"heldout draws must be >= 1, got {draws}")
@@ -43,31 +45,20 @@ def _draws(config, concept_path, draws: int, device: str | None, model) -> Itera
     )
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     steps = scheduler.config.num_train_timesteps
-    modules = (pipe.unet, pipe.text_encoder, pipe.vae)
-    was_training = [m.training for m in modules]
-    for m in modules:
-        m.eval()
-    try:
-        with torch.no_grad():
-            for k in range(draws):
-                gen = torch.Generator().manual_seed(HELDOUT_SEED + k)
-                batch = collate([dataset.get(k % len(dataset), gen)])
-                dist = pipe.vae.encode(batch["pixel_values"].to(device, pipe.vae.dtype)).latent_dist
-                latents = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(device, dist.mean.dtype)
-                latents = (latents * pipe.vae.config.scaling_factor).float()
-                noise = torch.randn(latents.shape, generator=gen).to(device)
-                t = torch.tensor([int((k + 0.5) / draws * steps)], device=device)
-                noisy = scheduler.add_noise(latents, noise, t)
-                if scheduler.config.prediction_type == "v_prediction":
-                    target = scheduler.get_velocity(latents, noise, t)
-                else:
-                    target = noise
-                context = model.encoder.encode(batch["prompt"])
-                pred = pipe.unet(noisy.to(pipe.unet.dtype), t, context).sample
-                yield pred, target, batch["mask"].to(device) if data.use_masks else None
-    finally:
-        for m, flag in zip(modules, was_training):
-            m.train(flag)
+    with sampling_state(pipe), torch.no_grad():
+        for k in range(draws):
+            gen = torch.Generator().manual_seed(HELDOUT_SEED + k)
+            batch = collate([dataset.get(k % len(dataset), gen)])
+            dist = pipe.vae.encode(batch["pixel_values"].to(device, pipe.vae.dtype)).latent_dist
+            latents = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(device, dist.mean.dtype)
+            latents = (latents * pipe.vae.config.scaling_factor).float()
+            noise = torch.randn(latents.shape, generator=gen).to(device)
+            t = torch.tensor([int((k + 0.5) / draws * steps)], device=device)
+            noisy = scheduler.add_noise(latents, noise, t)
+            target = denoising_target(scheduler, latents, noise, t)
+            context = model.encoder.encode(batch["prompt"])
+            pred = pipe.unet(noisy.to(pipe.unet.dtype), t, context).sample
+            yield pred, target, batch["mask"].to(device) if data.use_masks else None
 
 
 def heldout_loss(config, concept_path: str | os.PathLike, draws: int = 16, device: str | None = None,

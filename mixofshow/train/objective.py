@@ -25,7 +25,14 @@ from diffusers import DDPMScheduler
 from mixofshow.concepts.edlora import EDLoRA
 from mixofshow.train.losses import attention_outside_mask, masked_mse, offset_noise
 
-__all__ = ["LossOptions", "edlora_loss"]
+__all__ = ["LossOptions", "denoising_target", "edlora_loss"]
+
+
+def denoising_target(noise_scheduler, latents, noise, timesteps):
+    """What the UNet is trained to predict: the noise, or the velocity for v-prediction models."""
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    return noise
 
 
 @dataclass(frozen=True)
@@ -70,10 +77,7 @@ def edlora_loss(
     num_steps = noise_scheduler.config.num_train_timesteps
     timesteps = draw(latents.shape[:1], lambda shape, g: torch.randint(0, num_steps, shape, generator=g)).to(device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
+    target = denoising_target(noise_scheduler, latents, noise, timesteps)
 
     ids = model.encoder.tokenize(batch["prompt"])
     regularise = options.attention_reg_weight > 0
