@@ -27,19 +27,25 @@ Options of the reference (both off by default there and here):
   factor, ``E <- b2^ (E + min(max_i(lam_i(V_prev) - lam_i(T V_prev T^T))_+, (tr V_prev - tr T V_prev T^T)_+))``
   (eigenvalues in ascending order), and the preconditioner becomes ``1 / (sqrt(lambda + E) + eps)``.
 
-The math is in ``rite_math.py``. Implementation notes: the factors are handled as rows ``X`` in {A, B^T} (r-major, so every
-batched product is a fast ``r x r @ r x k`` one); rows of equal shape form one block (A and B^T
-rows together when m == n), each block gets one QR and a few products, and the r x r algebra of a
-whole group (triangular inverses, the eigh of every ``V``) runs as one batched call. Skipping and
-clipping are folded into r x r factors. The state is stored r-major (``q_a = Q_A^T``,
-``m_a = M_A^T``, ...) and in float32 for fp16/bf16 factors. ``R^-1`` is a triangular inverse whose
-negligible pivots are floored (the reference uses ``pinv``), which maps a zero B to a zero
-unmagnified gradient; eigenvalues of ``V`` are floored at 0 before the square root (the reference
-turns the NaN of a rounding-negative one into a zero update). Skipping and clipping are tensor
-masks (no branching on values), so the only host sync on CUDA is the one ``torch.linalg.eigh``
-makes. Not implemented: the reference's ``balance_param`` and ``relative_epsilon`` (off by
-default there; its ``relative_epsilon`` path does not run as published). Math and tests:
-``docs/optimizers.md``.
+The math is in ``rite_math.py``. Implementation notes: the factors are handled as rows ``X`` in
+{A, B^T} (r-major; B stays in its own (m, r) layout and is read through transposed views, so no
+transposing copies are made); A factors and B factors of one shape form two blocks. No QR is
+formed after the first step where r x r Grams are accurate (``rite_bases``: from the Cholesky
+of ``X X^T`` for well-conditioned factors, else of ``Y = R_prev^-T X``, else Householder); the
+unmagnified gradient of a well-conditioned partner is folded into the preconditioner; the first
+moment is kept as ``M^T = P N`` with an r x r frame ``P`` that absorbs the basis transport (so
+the moment costs one product per step). The state per factor: ``y_a``, ``linv_a`` (the basis
+``Q_A^T = linv_a y_a``), ``rinv_a`` (``R^-1``), ``m_a`` (``N``), ``frame_a`` (``P``), ``v_a``
+(and ``_b``), as rows (r x k; ``y_b`` may be a transposed view), in float32 for fp16/bf16
+factors, updated in place (a step that rebinds
+thousands of new state tensors keeps Python's cyclic GC busy). ``R^-1`` is a triangular inverse
+whose negligible pivots are floored (the reference uses ``pinv``), which maps a zero B to a zero
+unmagnified gradient; eigenvalues of ``V`` are floored at 0 before the square root (the
+reference turns the NaN of a rounding-negative one into a zero update). Skipping and clipping
+are tensor masks; the host syncs on CUDA are ``torch.linalg.eigh``'s and one per batch for each
+choice of path a step makes. Not implemented: the reference's ``balance_param`` and
+``relative_epsilon`` (off by default there; its ``relative_epsilon`` path does not run as
+published). Math and tests: ``docs/optimizers.md``.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ from mixofshow.optim.batching import compute_dtype, stack
 from mixofshow.optim.bucketed import grad_or_zeros
 from mixofshow.optim.registry import OptimizerSpec
 from mixofshow.optim.rite_math import (
+    Bases,
     Prepared,
     bias_corrected_decay,
     lora_rite_reference,
@@ -136,10 +143,20 @@ class LoRARite(LoRAOptimizer):
         # 1. unmagnified gradients of every batch (all groups first: clipping uses their norm)
         work = []
         for group, batch in self._batches(buckets):
-            xs = [stack(block.factors(), batch.dtype) for block in batch.blocks]
-            gs = [stack(block.grads(batch.dtype), batch.dtype) for block in batch.blocks]
-            q_prev = [self._read(batch, block.states, "q_", x) for block, x in zip(batch.blocks, xs)]
-            prep = rite_prepare(xs, gs, q_prev, batch.partner_ranges, group["skip_threshold"])
+            xs = [block.rows(stack(block.factors(), batch.dtype)) for block in batch.blocks]
+            gs = [block.rows(stack(block.grads(batch.dtype), batch.dtype)) for block in batch.blocks]
+            prev = None  # the previous step's bases (none at the first step)
+            if batch.step > 0:
+                states = [st for block in batch.blocks for st in block.states]
+                like = xs[0].new_empty(len(states), xs[0].shape[1], xs[0].shape[1])
+                prev = Bases(
+                    [self._read(batch, block.states, "y_", x) for block, x in zip(batch.blocks, xs)],
+                    self._read(batch, states, "linv_", like),
+                    self._read(batch, states, "rinv_", like),
+                    like.new_empty(0),
+                    0,
+                )
+            prep = rite_prepare(xs, gs, prev, batch.partner_ranges, group["skip_threshold"])
             work.append((group, batch, xs, prep))
         norm = None
         if any(group["clip_threshold"] > 0 for group, *_ in work):
@@ -157,11 +174,17 @@ class LoRARite(LoRAOptimizer):
             escape_prev = None
             if group["apply_escape"]:
                 escape_prev = self._read(batch, states, "escape_", prep.sq_norm)
-            new_xs, v, new_ms, escape = rite_apply(
+            if batch.step == 0:
+                frame = torch.eye(prep.gram.shape[-1], dtype=prep.gram.dtype, device=prep.gram.device)
+                frame = frame.expand_as(prep.gram)
+            else:
+                frame = self._read(batch, states, "frame_", prep.gram)
+            new_xs, v, new_ms, frame, escape = rite_apply(
                 xs,
                 prep,
                 self._read(batch, states, "v_", prep.gram),
                 [self._read(batch, block.states, "m_", x) for block, x in zip(batch.blocks, xs)],
+                frame,
                 lr=group["lr"],
                 beta1_hat=bias_corrected_decay(beta1, t),
                 beta2_hat=bias_corrected_decay(beta2, t),
@@ -171,13 +194,16 @@ class LoRARite(LoRAOptimizer):
                 update_capping=group["update_capping"],
                 escape_prev=escape_prev,
             )
-            for block, x_new, q, m in zip(batch.blocks, new_xs, prep.q, new_ms):
-                torch._foreach_copy_(block.factors(), x_new.unbind(0))
-                _write(block.states, "q_", q, written)
-                _write(block.states, "m_", m, written)
-            _write(states, "v_", v, written)
+            for block, x_new, y, m in zip(batch.blocks, new_xs, prep.bases.y, new_ms):
+                torch._foreach_copy_(block.factors(), block.rows(x_new).unbind(0))
+                self._write(block.states, "y_", y, written)
+                self._write(block.states, "m_", m, written)
+            self._write(states, "linv_", prep.bases.linv, written)
+            self._write(states, "rinv_", prep.bases.rinv, written)
+            self._write(states, "v_", v, written)
+            self._write(states, "frame_", frame, written)
             if escape is not None:
-                _write(states, "escape_", escape, written)
+                self._write(states, "escape_", escape, written)
             pair_states = list({id(st): st for st, _ in states}.values())
             torch._foreach_add_(step_counters(pair_states), 1.0)
         self._written = written
@@ -187,20 +213,47 @@ class LoRARite(LoRAOptimizer):
     ) -> torch.Tensor:
         """The rows' stacked state (zeros at the first step); no copy when the previous step
         wrote exactly these tensors (checked by identity, so edits in place are seen)."""
-        if batch.step == 0:
-            return torch.zeros_like(like)
-        current = [st[prefix + side] for st, side in states]
+        if batch.step == 0:  # contiguous zeros, also for a transposed ``like``
+            return torch.zeros(like.shape, dtype=like.dtype, device=like.device)
+        cached = self._cached(states, prefix)
+        return cached[0] if cached is not None else stack([st[prefix + side] for st, side in states], like.dtype)
+
+    def _cached(self, states: list[_RowState], prefix: str) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None:
+        """(stacked tensor, its row views) the previous step wrote, if the rows hold exactly those views."""
+        current = [st.get(prefix + side) for st, side in states]
         cached = self._written.get(id(current[0]))
-        if cached is not None and len(cached[1]) == len(current):
-            if all(map(operator.is_, current, cached[1])):
-                return cached[0]
-        return stack(current, like.dtype)
+        if cached is not None and len(cached[1]) == len(current) and all(map(operator.is_, current, cached[1])):
+            return cached
+        return None
+
+    def _write(
+        self,
+        states: list[_RowState],
+        prefix: str,
+        stacked: torch.Tensor,
+        written: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, ...]]],
+    ) -> None:
+        """Store the rows of ``stacked`` as the rows' state and remember them for ``_read``.
+
+        Where the rows still hold the views the previous step wrote, ``stacked`` is copied into
+        their tensor: rebinding a few thousand new views per step would keep Python's cyclic
+        garbage collector running full collections (3 ms a step at rank 16 on CPU).
+        """
+        cached = self._cached(states, prefix)
+        if cached is not None and cached[0].shape == stacked.shape and cached[0].dtype == stacked.dtype:
+            if stacked is not cached[0]:  # (the first moments are updated in place)
+                cached[0].copy_(stacked)
+            written[id(cached[1][0])] = cached
+            return
+        views = stacked.unbind(0)
+        for (st, side), view in zip(states, views):
+            st[prefix + side] = view
+        written[id(views[0])] = (stacked, views)
 
     def _batches(self, buckets: list[tuple[dict[str, Any], list[tuple[torch.Tensor, ...]]]]) -> list[tuple[dict, _Batch]]:
         """The driver's shape buckets, batched per group by (rank, compute dtype, device, step).
 
-        Inside a batch, pairs of one shape form blocks: A and B^T rows share one block when
-        m == n (one QR, one product for both sides), else A rows and B^T rows are two blocks.
+        Inside a batch, pairs of one shape form two blocks, their A factors and their B factors.
         """
         batches: dict[tuple, tuple[dict, _Batch]] = {}
         for group, pairs in buckets:
@@ -209,51 +262,41 @@ class LoRARite(LoRAOptimizer):
                 st = self.state[a]
                 step = int(step_counters([st])[0])
                 by_step.setdefault(step, []).append((a, b, st))
-            (a0, b0) = pairs[0]
+            a0 = pairs[0][0]
             cdt = compute_dtype(a0.dtype)
             for step, bucket in by_step.items():
                 key = (id(group), a0.shape[0], cdt, a0.device, step)
                 _, batch = batches.setdefault(key, (group, _Batch(cdt, step)))
-                batch.add(bucket, square=b0.shape[0] == a0.shape[1])
+                batch.add(bucket)
         return list(batches.values())
 
 
 _RowState = tuple[dict, str]  # (the pair's state dict, "a" | "b")
 
 
-def _write(
-    states: list[_RowState],
-    prefix: str,
-    stacked: torch.Tensor,
-    written: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, ...]]],
-) -> None:
-    """Store the rows of ``stacked`` as per-pair state views and remember them for ``_read``."""
-    views = stacked.unbind(0)
-    for (st, side), view in zip(states, views):
-        st[prefix + side] = view
-    written[id(views[0])] = (stacked, views)
-
-
 @dataclass
 class _Block:
-    """Rows of equal shape: A rows (r x n) and/or B^T rows (r x m), one batched QR."""
+    """Factors of equal shape and side: A (r x n, r-major) or B (m x r, k-major, handled as the
+    rows B^T through transposed views), in their own layout (no transposing copies)."""
 
+    kmajor: bool
     params: list[torch.Tensor] = field(default_factory=list)
-    transposed: list[bool] = field(default_factory=list)
     states: list[_RowState] = field(default_factory=list)
 
     def add(self, rows: list[tuple[torch.Tensor, dict]], side: str) -> None:
         self.params += [p for p, _ in rows]
-        self.transposed += [side == "b"] * len(rows)
         self.states += [(st, side) for _, st in rows]
 
     def factors(self) -> list[torch.Tensor]:
-        return [p.mT if t else p for p, t in zip(self.params, self.transposed)]
+        return self.params
 
     def grads(self, dtype: torch.dtype) -> list[torch.Tensor]:
-        """The rows' gradients (zeros for a factor without one while its partner has one)."""
-        gs = [grad_or_zeros(p, dtype) for p in self.params]
-        return [g.mT if t else g for g, t in zip(gs, self.transposed)]
+        """The factors' gradients (zeros for a factor without one while its partner has one)."""
+        return [grad_or_zeros(p, dtype) for p in self.params]
+
+    def rows(self, stacked: torch.Tensor) -> torch.Tensor:
+        """The stacked factors (or gradients) as rows (N, r, k): B^T is a transposed view."""
+        return stacked.mT if self.kmajor else stacked
 
 
 @dataclass
@@ -266,11 +309,11 @@ class _Batch:
     partner_ranges: list[tuple[int, int]] = field(default_factory=list)
     n_rows: int = 0
 
-    def add(self, pairs: list[tuple[torch.Tensor, torch.Tensor, dict]], square: bool) -> None:
-        a_block, b_block = _Block(), _Block()
+    def add(self, pairs: list[tuple[torch.Tensor, torch.Tensor, dict]]) -> None:
+        a_block, b_block = _Block(kmajor=False), _Block(kmajor=True)
         a_block.add([(a, st) for a, _, st in pairs], "a")
-        (a_block if square else b_block).add([(b, st) for _, b, st in pairs], "b")
-        self.blocks += [a_block] if square else [a_block, b_block]
+        b_block.add([(b, st) for _, b, st in pairs], "b")
+        self.blocks += [a_block, b_block]
         k, lo = len(pairs), self.n_rows
         self.partner_ranges += [(lo + k, lo + 2 * k), (lo, lo + k)]  # A rows <-> B rows
         self.n_rows += 2 * k
