@@ -8,7 +8,7 @@ import torch
 
 from mixofshow.optim import build_optimizer
 from mixofshow.optim.bucketed import adam_directions, adam_directions_
-from mixofshow.optim.batching import concat_call
+from mixofshow.optim.batching import concat_call, rows_layout, rows_matmul
 from mixofshow.utils.memory import tune_cpu_allocator
 from test_optim_geometric import MIXED, close, make_pairs, make_triples, set_grads, set_triple_grads
 
@@ -92,3 +92,16 @@ def test_state_of_another_layout_is_a_clear_error():
     set_triple_grads(triples, targets)
     with pytest.raises(RuntimeError, match="exp_avg_U.*expected"):
         opt.step()
+
+
+@pytest.mark.parametrize("r", [4, 8])
+def test_rows_layout_and_matmul_keep_the_math_and_the_storage(r):
+    g = torch.Generator().manual_seed(30)
+    x = torch.randn(3, 50, r, generator=g, dtype=torch.float64)
+    w, add = torch.randn(3, r, r, generator=g, dtype=torch.float64), torch.randn(3, 50, r, generator=g, dtype=torch.float64)
+    stored = rows_layout(x)
+    assert torch.equal(stored, x) and stored.is_contiguous() == (r >= 8)  # r-major below rank 8
+    for out, expected in ((rows_matmul(stored, w), x @ w),
+                          (rows_matmul(stored, w, rows_layout(add), beta=0.5, alpha=-2.0), 0.5 * add - 2.0 * x @ w)):  # fmt: skip
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+        assert out.stride() == stored.stride()

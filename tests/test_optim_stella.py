@@ -13,7 +13,7 @@ from test_optim_geometric import F64, MIXED, close, gen, make_triples, set_tripl
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (F64, 1e-12)])
 def test_stella_keeps_u_and_v_orthonormal(dtype, tol):
-    triples, targets = make_triples(MIXED, seed=10, dtype=dtype)
+    triples, targets = make_triples([*MIXED, (24, 20, 8), (24, 20, 8)], seed=10, dtype=dtype)
     opt = build_optimizer("stella", [{"triples": triples, "lr": 0.05}])
     for _ in range(10):
         set_triple_grads(triples, targets)
@@ -38,8 +38,9 @@ def test_polar_and_tangent_projection():
     close(xtd + xtd.transpose(-1, -2), torch.zeros(4, 3, 3, dtype=F64), 1e-12)
 
 
-def test_stella_matches_reference_and_zero_s_is_safe():
-    triples, targets = make_triples([(9, 7, 3)], seed=12, zero_s=True)
+@pytest.mark.parametrize("shape", [(9, 7, 3), (20, 14, 8)])  # r-major and own-layout storage (rows_layout)
+def test_stella_matches_reference_and_zero_s_is_safe(shape):
+    triples, targets = make_triples([shape], seed=12, zero_s=True)
     u0 = triples[0][0].detach().clone()
     ref, st = [x.detach().clone() for x in triples[0]], {}
     opt = build_optimizer("stella", [{"triples": triples, "lr": 0.05}], weight_decay=0.1)

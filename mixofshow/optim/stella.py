@@ -21,9 +21,10 @@ tangent projection would remove it anyway, ``P_X(X) = 0``). ``grad_scaling``: ``
 ``c`` = the group's ``hidden_size`` (the param-group builder sets the text encoder's hidden size;
 768, SD 1.x's, when a group has none), a number sets ``c``, ``False`` turns it off.
 
-Implementation: U and V are batched by their own shape across layers and groups, in the r-major
-layout (``X^T``: (k, r, rows); their Adam moments too), where every batched product is
-``(r x r) @ (r x rows)`` or ``(r x rows) @ (rows x r)``. The polar factor is
+Implementation: U and V are batched by their own shape across layers and groups, stored as the
+batched products run fastest on CPU (:func:`~mixofshow.optim.batching.rows_layout`: their own
+(rows, r) layout from rank 8, else r-major), their Adam moments too (shape (rows, r), or (r, rows)
+below rank 8). The polar factor is
 ``Y (Y^T Y)^-1/2`` from the eigendecomposition of the r x r Gram (see :func:`polar`), in float32
 (float64 for float64 factors). Needs ``LoRALinear(factorization="usv")``. Math and tests:
 ``docs/optimizers.md``.
@@ -47,7 +48,7 @@ from mixofshow.optim.base import (
     check_positive,
     step_counters,
 )
-from mixofshow.optim.batching import compute_dtype, concat_call, inverse_sqrt, sym
+from mixofshow.optim.batching import compute_dtype, concat_call, inverse_sqrt, rows_layout, rows_matmul, sym
 from mixofshow.optim.bucketed import DirectionBatch, grad_or_zeros, per_pair, state_tensor
 from mixofshow.optim.registry import OptimizerSpec
 
@@ -141,6 +142,11 @@ def stella_reference(
     return new["U"], new_s, new["V"]
 
 
+def _storage(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (N, k, r) as the contiguous tensor that holds it ((N, r, k) for r-major storage)."""
+    return t if t.is_contiguous() else t.mT
+
+
 class StelLA(LoRAOptimizer):
     """StelLA: Riemannian Adam on the Stiefel factors U, V and AdamW on S.
 
@@ -202,7 +208,7 @@ class StelLA(LoRAOptimizer):
     def _step_buckets(self, buckets: list[tuple[dict[str, Any], list[tuple[torch.Tensor, ...]]]]) -> None:
         # U and V are updated independently of each other given their gradients, so they are
         # batched by their own shape (and retraction) across triples, buckets and groups (V of every
-        # n x 768 layer together, ...), all in the r-major layout (X^T: (k, r, m); Adam moments too)
+        # n x 768 layer together, ...)
         directions = DirectionBatch()
         factors = defaultdict(list)
         for group, triples in buckets:
@@ -211,37 +217,39 @@ class StelLA(LoRAOptimizer):
                 st = self.state[triple[0]]
                 for name, x in (("U", triple[0]), ("V", triple[2])):
                     factors[(tuple(x.shape), x.dtype, x.device, group["retraction"])].append((x, name, group, st))
-        # 1. X^T, the Riemannian gradients (r-major) and Adam on them (one fused pass for
-        # everything) writes D^T into a zero buffer
+        # 1. X, the Riemannian gradients and Adam on them (one fused pass for everything) writes
+        # D into a zero buffer; X is (k, rows, r) in the storage of rows_layout, which D, the
+        # Adam moments and the products follow (no transposing copies from rank 8 on)
         stiefel = []
         for entries in factors.values():
             xs = [e[0] for e in entries]
             sdt, dev = compute_dtype(xs[0].dtype), xs[0].device
-            (m, r), k = xs[0].shape, len(xs)
-            # one stack, then one batched transpose (faster than stacking transposed views)
-            xt = torch.stack(xs).to(sdt).mT.contiguous()
-            gt = torch.stack([grad_or_zeros(x, sdt) for x in xs]).mT.contiguous()
-            h = xt @ gt.mT  # X^T g
+            x = rows_layout(torch.stack(xs).to(sdt))
+            g = torch.stack([grad_or_zeros(x, sdt) for x in xs])
+            h = x.mT @ g  # X^T g
             canonical = [e[2]["metric"] == "canonical" for e in entries]
             if all(canonical):
-                rgt = torch.baddbmm(gt, h, xt, alpha=-1.0)  # (g - X g^T X)^T = g^T - X^T g X^T
+                hh = h.mT  # g - X g^T X
             elif not any(canonical):
-                rgt = torch.baddbmm(gt, sym(h), xt, alpha=-1.0)
+                hh = sym(h)  # g - X sym(X^T g)
             else:  # groups with different metrics in one shape bucket
                 pick = torch.tensor(canonical, device=dev)[:, None, None]
-                rgt = torch.baddbmm(gt, torch.where(pick, h, sym(h)), xt, alpha=-1.0)
-            del gt, h
-            dt = torch.zeros(k, r, m, dtype=sdt, device=dev)
-            outs, grads = dt.unbind(0), rgt.unbind(0)
+                hh = torch.where(pick, h.mT, sym(h))
+            rg = rows_matmul(x, hh, rows_layout(g), alpha=-1.0)
+            del g, h, hh
+            d = torch.zeros_like(x)
+            stored = _storage(d)  # contiguous, for the fused Adam kernel
+            outs, grads = stored.unbind(0), _storage(rg).unbind(0)
             by_group: dict[int, list[int]] = defaultdict(list)
             for i, e in enumerate(entries):
                 by_group[id(e[2])].append(i)
+            shape, m = tuple(stored.shape[1:]), x.shape[1]
             for idx in by_group.values():
                 sts = [(entries[i][3], entries[i][1]) for i in idx]
                 directions.add(
                     entries[idx[0]][2], [outs[i] for i in idx], [grads[i] for i in idx],
-                    [state_tensor(st, f"exp_avg_{name}", (r, m), sdt, dev) for st, name in sts],
-                    [state_tensor(st, f"exp_avg_sq_{name}", (r, m), sdt, dev) for st, name in sts],
+                    [state_tensor(st, f"exp_avg_{name}", shape, sdt, dev) for st, name in sts],
+                    [state_tensor(st, f"exp_avg_sq_{name}", shape, sdt, dev) for st, name in sts],
                     [st["step"] for st, _ in sts],
                 )  # fmt: skip
             # the step size per factor: lr / sqrt(rows / c) with gradient scaling
@@ -249,26 +257,27 @@ class StelLA(LoRAOptimizer):
             for _, _, group, _ in entries:
                 c = self._scaling_c(group)
                 steps.append(group["lr"] / math.sqrt(m / c) if c is not None and m != c else group["lr"])
-            stiefel.append((xs, xt, dt, per_pair(steps, dt, 3), entries[0][2]["retraction"]))
+            stiefel.append((xs, x, d, per_pair(steps, d, 3), entries[0][2]["retraction"]))
         directions.run()
-        # 2. Y^T = X^T + P_X(eta D)^T = (I - eta sym(X^T D)) X^T + eta D^T (two products of the
-        # m-sized operands), then the retraction: polar X^T <- (Y^T Y)^-1/2 Y^T, the inverse square
-        # roots of every shape at once
+        # 2. Y = X + P_X(eta D) = eta D + X (I - eta sym(X^T D)) (two products of the rows-long
+        # operands), then the retraction: polar X <- Y (Y^T Y)^-1/2, the inverse square roots of
+        # every shape at once
         polar_jobs, grams = [], []
-        for xs, xt, dt, eta, retraction in stiefel:
-            r = xt.shape[1]
-            eye = torch.eye(r, dtype=xt.dtype, device=xt.device)
-            yt = torch.baddbmm(eta * dt, eye - eta * sym(xt @ dt.mT), xt)
-            del dt
+        for xs, x, d, eta, retraction in stiefel:
+            eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
+            if isinstance(eta, float):
+                y = rows_matmul(x, eye - eta * sym(x.mT @ d), d, beta=eta)
+            else:  # groups with different step sizes in one shape bucket
+                y = rows_matmul(x, eye - eta * sym(x.mT @ d), eta * d)
+            del d
             if retraction == "exp_map":
-                new = stiefel_exp(xt.mT, (yt - xt).mT)
-                torch._foreach_copy_(xs, list(new.to(xs[0].dtype).unbind(0)))
+                torch._foreach_copy_(xs, list(stiefel_exp(x, y - x).to(xs[0].dtype).unbind(0)))
                 continue
-            polar_jobs.append((xs, yt))
-            grams.append((sym(yt @ yt.mT),))
+            polar_jobs.append((xs, y))
+            grams.append((sym(y.mT @ y),))
         inverses = concat_call(lambda g: (inverse_sqrt(g, 0.0),), grams)
-        for (xs, yt), (w,) in zip(polar_jobs, inverses):
-            torch._foreach_copy_(xs, list((w @ yt).mT.to(xs[0].dtype).contiguous().unbind(0)))
+        for (xs, y), (w,) in zip(polar_jobs, inverses):
+            torch._foreach_copy_(xs, list(rows_matmul(y, w).to(xs[0].dtype).unbind(0)))
 
     def _step_s(self, group: dict[str, Any], triples: list[tuple[torch.Tensor, ...]]) -> None:
         """S: torch's AdamW step (fused kernel on CPU; float32 copies of low-precision S, whose
