@@ -324,7 +324,7 @@ SPECS = [
         name="lora_rite",
         cls=LoRARite,
         paper="Yen et al., ICLR 2025",
-        memory="2(m+n)r + 2r^2 (first moments, bases, r x r second moments)",
+        memory="2(m+n)r + 8r^2 (first moments, bases; r x r second moments, basis and moment frames)",
         reconstructed=False,
         recommended_lr={"unet": 1e-4, "text_encoder": 1e-5},
     )
