@@ -149,8 +149,9 @@ class FullGradients:
         dy2 = dy.reshape(-1, dy.shape[-1]).to(dt)
         if slot.g is None:
             slot.g = dy2.T @ x2  # the one GEMM per layer and backward
-        else:
-            slot.g.addmm_(dy2.T, x2)
+        else:  # a product then a sum (not addmm_, whose blocked GEMM adds into G panel by panel):
+            # gradient accumulation then sums each pass's G exactly as DDP's all-reduce does
+            slot.g.add_(dy2.T @ x2)
         if counted:
             slot.pending -= 1
         if self.mode == ENERGIES and slot.pending == 0 and not slot.keep:
