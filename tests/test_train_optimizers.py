@@ -18,8 +18,8 @@ from mixofshow.train import loop
 from mixofshow.train.loop import train
 
 
-def _trains_and_resumes_exactly(name, tmp_path, small_train_config, checkpoint_weights):
-    overrides = {"optimizer.name": name, "train.max_steps": 3, "train.checkpoint_every": 0}
+def _trains_and_resumes_exactly(name, tmp_path, small_train_config, checkpoint_weights, **extra):
+    overrides = {"optimizer.name": name, "train.max_steps": 3, "train.checkpoint_every": 0, **extra}
     straight = train(small_train_config(tmp_path / "a", **overrides))
     stops = iter([False, False, True])
     first = train(small_train_config(tmp_path / "b", **overrides), should_stop=lambda: next(stops))
@@ -38,6 +38,14 @@ def _trains_and_resumes_exactly(name, tmp_path, small_train_config, checkpoint_w
 def test_full_gradient_optimizer_resumes_exactly(tmp_path, small_train_config, checkpoint_weights):
     assert SPECS["adaprelora"].needs_full_grad
     _trains_and_resumes_exactly("adaprelora", tmp_path, small_train_config, checkpoint_weights)
+
+
+@pytest.mark.parametrize("name", ["lora_rite", "stella"])
+def test_rank_8_state_layouts_resume_exactly(name, tmp_path, small_train_config, checkpoint_weights):
+    # from rank 8 StelLA keeps U, V and their moments in their own layout (batching.rows_layout);
+    # LoRA-RITE's states (views of B's layout, moment frames) at a second rank. The example
+    # config trains rank 4
+    _trains_and_resumes_exactly(name, tmp_path, small_train_config, checkpoint_weights, **{"lora.rank": 8})
 
 
 @pytest.mark.slow
