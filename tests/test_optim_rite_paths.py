@@ -136,3 +136,17 @@ def test_float32_trajectory_stays_close_to_float64():
         results[dtype] = (lb.detach() @ la.detach()).double()
     w32, w64 = results[torch.float32], results[F64]
     assert (w32 - w64).norm() / w64.norm() < 1e-5
+
+
+def test_state_of_an_earlier_version_is_a_clear_error():
+    a = torch.randn(2, 6, dtype=F64, requires_grad=True)
+    b = torch.randn(5, 2, dtype=F64, requires_grad=True)
+    opt = build_optimizer("lora_rite", [{"pairs": [(a, b)], "lr": 1e-2}])
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    opt.step()
+    saved = opt.state_dict()
+    for st in saved["state"].values():  # the layout before the Cholesky bases: q_a, q_b
+        if "y_a" in st:
+            st["q_a"], st["q_b"] = st.pop("y_a"), st.pop("y_b")
+    with pytest.raises(RuntimeError, match="lacks y_a, y_b: it was saved by another version"):
+        opt.load_state_dict(saved)

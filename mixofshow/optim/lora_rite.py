@@ -135,9 +135,20 @@ class LoRARite(LoRAOptimizer):
         # id(first view) -> (stacked tensor, its row views) of the state written by the last step
         self._written: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = {}
 
+    STATE_KEYS = ("y_", "linv_", "rinv_", "m_", "frame_", "v_")  # per factor, + "a" / "b"
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._written = {}
+        for st in self.state.values():
+            if float(st.get("step", 0)) > 0:
+                missing = [key + side for key in self.STATE_KEYS for side in "ab" if key + side not in st]
+                if missing:
+                    raise RuntimeError(
+                        f"LoRA-RITE optimizer state lacks {', '.join(missing)}: it was saved by another "
+                        "version of mixofshow (before the state held the bases as y/linv/rinv and the first "
+                        "moment in a frame); resume it with that version or start a new run"
+                    )
 
     def _step_buckets(self, buckets: list[tuple[dict[str, Any], list[tuple[torch.Tensor, ...]]]]) -> None:
         # 1. unmagnified gradients of every batch (all groups first: clipping uses their norm)
