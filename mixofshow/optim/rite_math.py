@@ -143,10 +143,11 @@ def rite_prepare(
     The bases come from :func:`rite_bases`; the transport is
     ``T = Q^T Q_prev = L^-1 (Y Y_prev^T) L_prev^-T``. The unmagnified gradient ``u = R_p^-T g``
     is not formed where the partner is well conditioned (``cond_F(R_p) <= 1.5 r``, so
-    ``cond_2(R_p) <= 24`` at r = 16, as measured by the direct way of :func:`rite_bases`): its Gram is ``R_p^-T (g g^T) R_p^-1`` and ``R_p^-T`` is folded
-    into the preconditioner, one product of k-long rows less. The Gram's rounding error relative
-    to its size grows with ``cond(R_p)^2`` that way (with ``cond(R_p)`` when u is formed first),
-    hence the bound; other blocks form u. The choice is one host sync per batch on CUDA.
+    ``cond_2(R_p) <= 24`` at r = 16, as measured by the direct way of :func:`rite_bases`): its
+    Gram is ``R_p^-T (g g^T) R_p^-1`` and ``R_p^-T`` is folded into the preconditioner, one
+    product of k-long rows less. The Gram's rounding error relative to its size grows with
+    ``cond(R_p)^2`` that way (with ``cond(R_p)`` when u is formed first), hence the bound; other
+    blocks form u. The choice is one host sync per batch on CUDA.
 
     Args:
         xs, gs: per block, factors and their gradients in the r-major layout (N_j, r, k_j).
