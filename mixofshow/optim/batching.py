@@ -3,10 +3,10 @@
 The r x r linear algebra of the matrix-preconditioned optimizers is batched over the pairs of one
 shape bucket (``bucket_by_shape``). The math is written on *rows* in the r-major layout: ``A``
 (r x n), ``B^T`` (r x m) and their gradients, so that every batched product is
-``(r x r) @ (r x k)`` or ``(r x k) @ (k x r)``. Where a factor's own layout is k x r (B, StelLA's
-U and V), the rows are a transposed view of it when the products are as fast that way as a
-transposing copy would make them (on CPU, torch 2.14: from rank 8; :func:`rows_layout`,
-:func:`rows_matmul`); below rank 8 r-major storage is several times faster.
+``(r x r) @ (r x k)`` or ``(r x k) @ (k x r)``. Where a factor's own layout is k x r, the rows
+can be a transposed view of it, which saves the transposing copies: LoRA-RITE's B always, StelLA's
+U and V from rank 8 (:func:`rows_layout`, :func:`rows_matmul`; below rank 8 its (k x r) @ (r x r)
+products are several times slower than r-major ones on CPU, torch 2.14).
 """
 
 from __future__ import annotations
