@@ -23,7 +23,6 @@ training loop can reproduce any step by seeding one generator per step.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -34,6 +33,8 @@ from typing import Any
 
 import torch
 from PIL import Image, ImageOps
+
+from mixofshow.utils.io import read_json
 
 from .transforms import (
     DEFAULT_TEMPLATES,
@@ -106,10 +107,7 @@ def load_concept_list(path: str | os.PathLike[str]) -> list[ConceptSource]:
     path = Path(path)
     if not path.is_file():
         raise ConceptDataError(f"concept list {path} does not exist (expected a JSON file)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConceptDataError(f"concept list {path} is not valid JSON: {err}") from err
+    data = read_json(path, "concept list ", ConceptDataError)
     if not isinstance(data, list) or not data:
         raise ConceptDataError(
             f"concept list {path} must be a non-empty JSON list of objects with keys "

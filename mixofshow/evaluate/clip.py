@@ -17,13 +17,14 @@ to put it, never a silent fallback.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from mixofshow.utils.io import read_json
 
 __all__ = [
     "DEFAULT_CLIP_MODEL",
@@ -90,10 +91,7 @@ def _model_name(model: str) -> tuple[str, Path | None]:
     if model == "tiny" or model.endswith(".json"):
         if not path.is_file():
             raise FileNotFoundError(f"--clip {model}: model-config file not found")
-        try:
-            cfg = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"--clip {path}: not a readable JSON model config ({err})") from None
+        cfg = read_json(path, "--clip ")
         if not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
             raise ValueError(f"--clip {path}: an open_clip model config needs embed_dim, vision_cfg and text_cfg")
         name = "mixofshow-file-" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]

@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from mixofshow.utils.io import read_json
+
 __all__ = ["read_index", "concept_classes", "class_text", "list_images"]
 
 log = logging.getLogger(__name__)
@@ -26,10 +28,7 @@ def read_index(samples_dir: str | Path) -> dict[str, Any]:
     path = Path(samples_dir) / "index.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found (expected a folder written by `mixofshow sample`)")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    doc = read_json(path)
     images = doc.get("images") if isinstance(doc, dict) else None
     if not isinstance(images, list) or not images:
         raise ValueError(f"{path}: key 'images' must be a non-empty list")

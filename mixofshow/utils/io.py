@@ -27,6 +27,7 @@ from mixofshow.utils.paths import current_umask, place_error
 __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
+    "read_json",
     "save_safetensors",
     "load_safetensors",
     "flatten_state",
@@ -39,6 +40,16 @@ __all__ = [
 
 class FileFormatError(ValueError):
     """A file a user gave us is missing, corrupt or of the wrong kind."""
+
+
+def read_json(path: str | os.PathLike, what: str = "", error: type[Exception] = ValueError) -> Any:
+    """The JSON document in ``path``; an unreadable file or invalid JSON raises
+    ``error("{what}{path}: not valid JSON (...)")`` (``what`` names it, e.g. ``"concept list "``)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise error(f"{what}{path}: not valid JSON ({err})") from None
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
