@@ -21,7 +21,7 @@ import pandas as pd
 import yaml
 
 from app.context import AppContext, job_choices, job_summary, unique_name
-from app.tab_train import _absolute, base_config, shipped_concepts
+from app.tab_train import _absolute, base_config, job_command, shipped_concepts
 
 __all__ = ["build_compare_tab", "compare_request", "live_plot", "loss_curves"]
 
@@ -211,21 +211,5 @@ def build_compare_tab(ctx: AppContext) -> None:
     gr.Timer(1.0).tick(refresh, job, monitor, api_visibility="private", show_progress="hidden")
     job.change(refresh, job, monitor, api_name="compare_refresh", show_progress="hidden")
 
-    def command(kind):
-        def fn(job_id):
-            if not job_id:
-                raise gr.Error("pick a compare job first")
-            try:
-                if kind == "resume":
-                    ctx.store.resume(int(job_id))
-                    gr.Info(f"job #{job_id} queued to resume", duration=4)
-                else:
-                    ctx.store.send(int(job_id), "stop")
-                    gr.Info("stopping after a checkpoint")
-            except ValueError as err:
-                raise gr.Error(str(err)) from None
-            return job_id
-        return fn
-
-    stop.click(command("stop"), job, job_id_out, api_name="compare_stop")
-    resume.click(command("resume"), job, job_id_out, api_name="compare_resume")
+    stop.click(job_command(ctx, "stop", "compare"), job, job_id_out, api_name="compare_stop")
+    resume.click(job_command(ctx, "resume", "compare"), job, job_id_out, api_name="compare_resume")

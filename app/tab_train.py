@@ -285,25 +285,31 @@ def build_train_tab(ctx: AppContext) -> None:
     gr.Timer(1.0).tick(refresh, job, monitor, api_visibility="private", show_progress="hidden")
     job.change(refresh, job, monitor, api_visibility="private", show_progress="hidden")
 
-    def command(kind):
-        def fn(job_id):
-            if not job_id:
-                raise gr.Error("pick a training job first")
-            try:
-                if kind == "resume":
-                    ctx.store.resume(int(job_id))
-                    gr.Info(f"job #{job_id} queued to resume", duration=4)
-                else:
-                    ctx.store.send(int(job_id), kind)
-                    gr.Info({"stop": "stopping after a checkpoint", "checkpoint": "saving a checkpoint",
-                             "validate": "sampling validation images"}[kind])
-            except ValueError as err:
-                raise gr.Error(str(err)) from None
-            return job_id
-        return fn
-
-    stop.click(command("stop"), job, job_id_out, api_name="train_stop")
-    save_now.click(command("checkpoint"), job, job_id_out, api_name="train_save_now")
-    sample_now.click(command("validate"), job, job_id_out, api_name="train_sample_now")
-    resume.click(command("resume"), job, job_id_out, api_name="train_resume")
+    stop.click(job_command(ctx, "stop", "training"), job, job_id_out, api_name="train_stop")
+    save_now.click(job_command(ctx, "checkpoint", "training"), job, job_id_out, api_name="train_save_now")
+    sample_now.click(job_command(ctx, "validate", "training"), job, job_id_out, api_name="train_sample_now")
+    resume.click(job_command(ctx, "resume", "training"), job, job_id_out, api_name="train_resume")
     return optimizer, hp
+
+
+JOB_COMMAND_INFO = {"stop": "stopping after a checkpoint", "checkpoint": "saving a checkpoint",
+                    "validate": "sampling validation images"}
+
+
+def job_command(ctx: AppContext, kind: str, what: str):
+    """Click handler for a job picked in a dropdown: ``"resume"`` queues it again, any other
+    ``kind`` (``JOB_COMMAND_INFO``) is sent to the running job; returns the job id."""
+    def fn(job_id):
+        if not job_id:
+            raise gr.Error(f"pick a {what} job first")
+        try:
+            if kind == "resume":
+                ctx.store.resume(int(job_id))
+                gr.Info(f"job #{job_id} queued to resume", duration=4)
+            else:
+                ctx.store.send(int(job_id), kind)
+                gr.Info(JOB_COMMAND_INFO[kind])
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
+        return job_id
+    return fn
