@@ -119,7 +119,7 @@ def capped_reference(a, b, ga, gb, state, *, capping, lr, betas, eps, weight_dec
 
 def test_float32_trajectory_stays_close_to_float64():
     """30 steps on a low-rank regression problem: the fast paths in float32 agree with the same
-    optimizer in float64 to the accuracy of float32 (1e-7 measured; bound 1e-5)."""
+    optimizer in float64 to the accuracy of float32 (2.0e-7 measured; bound 1e-5)."""
     results = {}
     for dtype in (torch.float32, F64):
         gen = torch.Generator().manual_seed(4)
