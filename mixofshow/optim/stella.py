@@ -60,7 +60,6 @@ __all__ = [
     "stella_reference",
     "stiefel_exp",
     "stiefel_project",
-    "stiefel_project_t",
 ]
 
 DEFAULT_HIDDEN_SIZE = 768  # SD 1.x's text encoder (CLIP ViT-L/14): c when a group has no hidden_size
@@ -70,13 +69,7 @@ RETRACTIONS = ("polar", "exp_map")
 
 def stiefel_project(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """Tangent projection ``d - x sym(x^T d)`` at ``x`` on the Stiefel manifold (batched)."""
-    return stiefel_project_t(x.mT, d.mT).mT
-
-
-def stiefel_project_t(xt: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
-    """:func:`stiefel_project` in the r-major layout: ``x^T`` and ``d^T`` (k, r, m) in, the
-    projection's transpose out (``(r x r) @ (r x m)`` products, the fast ones on CPU)."""
-    return dt - sym(xt @ dt.mT) @ xt
+    return d - x @ sym(x.mT @ d)
 
 
 def polar(y: torch.Tensor) -> torch.Tensor:
