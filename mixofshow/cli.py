@@ -29,6 +29,7 @@ _COMMANDS = (
     "mixofshow.concepts.command",
     "mixofshow.demo",
     "mixofshow.optim.command",
+    "mixofshow.toyworld.pretrain",
     "app.command",
 )
 

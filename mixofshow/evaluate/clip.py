@@ -5,8 +5,9 @@ open_clip ``ViT-B-32-quickgelu`` with OpenAI weights, text alignment ``2.5 * max
 between an image and ``"A photo depicts " + prompt``, image alignment ``max(cos, 0)``.
 
 ``ClipSpec.model`` is an open_clip model name (``open_clip.list_models()``), a path to an
-open_clip model-config JSON file, or ``tiny`` (the 32-wide config shipped beside this file, for
-tests and the offline demo). ``ClipSpec.weights`` is a pretrained tag of that model, a local
+open_clip model-config JSON file, ``tiny`` (the 32-wide config shipped beside this file, for
+tests and the offline demo) or ``toyworld`` (the toy world's evaluation CLIP with its shipped
+weights, trained apart from the toy world's conditioning text encoder; docs/toyworld.md). ``ClipSpec.weights`` is a pretrained tag of that model, a local
 weights file (safetensors, a state dict, or OpenAI's TorchScript ``.pt``), or ``random``
 (seeded random weights; only ever used when asked for, and every output says so). Tags are
 looked up in the local caches first (Hugging Face hub cache, open_clip's ``~/.cache/clip``);
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 DEFAULT_CLIP_MODEL = "ViT-B-32-quickgelu"
 DEFAULT_CLIP_WEIGHTS = "openai"
 TINY_CLIP_CONFIG = Path(__file__).with_name("tiny_clip.json")
+# the toy world's evaluation CLIP: config beside the toy world's model configs, weights shipped with them
+TOYWORLD_CLIP_CONFIG = Path(__file__).parents[1] / "models" / "toyworld" / "eval_clip.json"
 TEXT_PREFIX = "A photo depicts "
 
 
@@ -51,7 +54,7 @@ class MissingWeightsError(FileNotFoundError):
 
 @dataclass(frozen=True)
 class ClipSpec:
-    model: str = DEFAULT_CLIP_MODEL  # open_clip name, a model-config JSON file, or "tiny"
+    model: str = DEFAULT_CLIP_MODEL  # open_clip name, a model-config JSON file, "tiny" or "toyworld"
     weights: str | None = None  # tag, local file or "random"; None: "openai" (config files: "random")
     text_scale: float = 2.5  # CLIP-T = text_scale * max(cos, 0)
     image_scale: float = 1.0  # CLIP-I = image_scale * max(cos, 0)
@@ -87,8 +90,8 @@ def _model_name(model: str) -> tuple[str, Path | None]:
     import open_clip
     from open_clip import factory
 
-    path = TINY_CLIP_CONFIG if model == "tiny" else Path(model)
-    if model == "tiny" or model.endswith(".json"):
+    path = {"tiny": TINY_CLIP_CONFIG, "toyworld": TOYWORLD_CLIP_CONFIG}.get(model, Path(model))
+    if model in ("tiny", "toyworld") or model.endswith(".json"):
         if not path.is_file():
             raise FileNotFoundError(f"--clip {model}: model-config file not found")
         cfg = read_json(path, "--clip ")
@@ -149,6 +152,14 @@ def _resolve_weights(name: str, config_file: Path | None, spec: ClipSpec) -> tup
     """(weights label, local file or None for random)."""
     import open_clip
 
+    if spec.model == "toyworld" and not spec.weights:
+        from mixofshow.models.pretrained import toyworld_weights_dir
+
+        shipped = toyworld_weights_dir() / "eval_clip.safetensors"
+        if not shipped.is_file():
+            raise MissingWeightsError(f"{shipped}: the toy world's evaluation CLIP is not in this installation; "
+                                      "`mixofshow pretrain` trains it (docs/toyworld.md)")
+        return "toyworld (pre-trained on the toy world)", str(shipped)
     weights = spec.weights or ("random" if config_file is not None else DEFAULT_CLIP_WEIGHTS)
     if weights == "random":
         return f"random (seed {spec.seed}; not a meaningful score)", None

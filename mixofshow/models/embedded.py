@@ -35,7 +35,7 @@ _SEED = 20231122
 # "embedded" (the tiny model) and "sd15" (Stable Diffusion 1.5's published unet, vae,
 # text_encoder (CLIP ViT-L/14 text tower) and scheduler configs; used with random weights by
 # bench/gpu.py, never as a trained model)
-PRESETS = ("embedded", "sd15")
+PRESETS = ("embedded", "sd15", "toyworld")
 
 
 def preset_config(preset: str, part: str) -> dict:

@@ -16,6 +16,7 @@ from diffusers import StableDiffusionPipeline
 
 from mixofshow.models.embedded import build_embedded_pipeline
 from mixofshow.models.identity import EMBEDDED_ALIASES
+from mixofshow.models.pretrained import TOYWORLD_NAME, build_toyworld_pipeline
 
 __all__ = ["ModelLoadError", "load_pipeline", "is_offline", "resolve_dtype"]
 
@@ -50,7 +51,7 @@ def load_pipeline(
     config: str | None = None,
     local_files_only: bool | None = None,
 ) -> StableDiffusionPipeline:
-    """Load ``base_model``: ``"embedded"``, a diffusers folder, a ``.safetensors`` file, or a hub id.
+    """Load ``base_model``: ``"embedded"``, ``"toyworld"``, a diffusers folder, a ``.safetensors`` file, or a hub id.
 
     Args:
         base_model: what to load (see above).
@@ -64,6 +65,8 @@ def load_pipeline(
     offline = is_offline() if local_files_only is None else local_files_only
     if base_model in EMBEDDED_ALIASES:
         return build_embedded_pipeline(dtype)
+    if base_model == TOYWORLD_NAME:
+        return build_toyworld_pipeline(dtype)
     path = Path(base_model).expanduser()
     common = {"dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
     if path.is_dir():

@@ -1,0 +1,119 @@
+"""The toy world's quality floors, measured on held-out scenes and prompts (``mixofshow pretrain --check``).
+
+- VAE: PSNR of reconstructions of ``test`` scenes;
+- evaluation CLIP: zero-shot accuracy per attribute on one-object ``test`` renderings;
+- base model: samples for held-out prompts (the captions of one-object ``test`` scenes, each with a
+  (class, colour, background) triple the UNet never saw), 25 DPM-Solver steps, CFG 7.5, judged
+  per attribute by the evaluation CLIP (choosing among captions that differ in that attribute,
+  ``world.attribute_variants``) and,
+  independently of any CLIP, by the ground-truth CNN ``judge``; renderings of the same prompts are
+  judged too, as the ceiling each judge allows.
+
+Nothing here is trained on: ``test`` is disjoint from the training scenes and triples.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mixofshow.toyworld.data import Split
+
+__all__ = ["FLOORS", "check_floors", "sample_grid"]
+
+log = logging.getLogger(__name__)
+
+# the issue's floors: a measured value must be >= the floor
+FLOORS = {
+    "vae_psnr_test": 28.0,
+    "clip_zero_shot": {"class": 0.95, "colour": 0.90, "background": 0.95, "position": 0.85},
+    "samples": {"class": 0.80, "background": 0.85, "colour": 0.60, "position": 0.60},
+}
+GUIDANCE, STEPS = 7.5, 25
+
+
+def _clip_judge(towers, images: torch.Tensor, scenes) -> dict[str, float]:
+    from mixofshow.toyworld.clips import zero_shot
+
+    return zero_shot(towers, Split(((images.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy(),
+                                   list(scenes)), limit=len(scenes))
+
+
+@torch.no_grad()
+def sample_prompts(pipe, prompts: list[str], seed: int, batch: int = 25) -> torch.Tensor:
+    """Images (B x 3 x H x W in [-1, 1]) for ``prompts``; prompt i uses seed ``seed + i``."""
+    out = []
+    for k in range(0, len(prompts), batch):
+        chunk = prompts[k : k + batch]
+        gens = [torch.Generator().manual_seed(seed + k + i) for i in range(len(chunk))]
+        images = pipe(chunk, num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=gens,
+                      output_type="np").images
+        out.append(torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1)
+    return torch.cat(out)
+
+
+def sample_grid(images: torch.Tensor, path: Path, columns: int = 8, scale: int = 2) -> Path:
+    """Save images (in [-1, 1]) as one PNG grid, each image enlarged ``scale`` times (nearest)."""
+    from mixofshow.utils.io import atomic_write_bytes
+
+    arr = ((images.permute(0, 2, 3, 1).cpu().numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+    n, h, w, _ = arr.shape
+    rows = -(-n // columns)
+    grid = np.full((rows * (h + 2), columns * (w + 2), 3), 255, np.uint8)
+    for i, im in enumerate(arr):
+        r, c = divmod(i, columns)
+        grid[r * (h + 2) : r * (h + 2) + h, c * (w + 2) : c * (w + 2) + w] = im
+    img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def check_floors(weights_dir: Path, test: Split, samples: int = 200, seed: int = 0,
+                 grid_path: Path | None = None) -> dict:
+    """Measure every floor; returns ``{"measured": ..., "floors": FLOORS, "passed": {...}}``."""
+    from mixofshow.evaluate.clip import ClipSpec, load_clip
+    from mixofshow.models.pretrained import build_toyworld_pipeline, load_weights, toyworld_manifest
+    from mixofshow.toyworld.clips import towers, zero_shot
+    from mixofshow.toyworld.judge import Judge, judge_accuracy
+    from mixofshow.toyworld.vae import psnr
+
+    pipe = build_toyworld_pipeline(folder=weights_dir)
+    pipe.set_progress_bar_config(disable=True)
+    manifest = toyworld_manifest(weights_dir)
+    clip = load_clip(ClipSpec(model="toyworld", weights=str(weights_dir / "eval_clip.safetensors")), device="cpu")
+    eval_towers = towers("clip-eval", clip.model)
+    judge = Judge()
+    judge.load_state_dict({k: v.float() for k, v in load_weights(weights_dir, "judge", manifest).items()})
+    judge.eval()
+    measured: dict = {}
+    with torch.no_grad():
+        x, _ = test.batch(np.arange(min(len(test), 500)))
+        measured["vae_psnr_test"] = psnr(pipe.vae, x)
+        measured["clip_zero_shot"] = zero_shot(eval_towers, test, limit=500)
+        measured["judge_on_renderings"] = judge_accuracy(judge, test)
+        single = [i for i, s in enumerate(test.scenes) if len(s.objects) == 1][:samples]
+        scenes = [test.scenes[i] for i in single]
+        log.info("check: sampling %d held-out prompts", len(scenes))
+        images = sample_prompts(pipe, [s.caption for s in scenes], seed)
+        measured["samples_clip"] = _clip_judge(eval_towers, images, scenes)
+        measured["samples_judge"] = judge_accuracy(judge, Split(
+            ((images.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy(), scenes), limit=len(scenes))
+        measured["samples"] = {k: min(measured["samples_clip"][k], measured["samples_judge"][k])
+                               for k in FLOORS["samples"]}
+    if grid_path is not None:
+        sample_grid(images[:32], grid_path)
+        measured["grid_prompts"] = [s.caption for s in scenes[:32]]
+    passed = {
+        "vae_psnr_test": measured["vae_psnr_test"] >= FLOORS["vae_psnr_test"],
+        "clip_zero_shot": all(measured["clip_zero_shot"][k] >= v for k, v in FLOORS["clip_zero_shot"].items()),
+        "samples": all(measured["samples"][k] >= v for k, v in FLOORS["samples"].items()),
+    }
+    return {"measured": measured, "floors": FLOORS, "passed": passed, "samples": len(scenes),
+            "sampler": f"DPM-Solver++ {STEPS} steps, CFG {GUIDANCE}, seeds {seed}..{seed + len(scenes) - 1}"}

@@ -1,0 +1,135 @@
+"""The toy world: deterministic scenes, held-out looks and triples, ground truth, the stage loop."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from mixofshow.toyworld import world
+from mixofshow.toyworld.data import load_split, render_split
+from mixofshow.toyworld.world import (
+    CONCEPT_LOOKS,
+    HELD_OUT_TRIPLES,
+    attribute_variants,
+    mirrored,
+    sample_layout,
+    scene,
+)
+
+
+def test_scenes_are_deterministic_and_seeded():
+    a, sa = scene("train", 7, seed=0)
+    b, sb = scene("train", 7, seed=0)
+    c, _ = scene("train", 7, seed=1)
+    assert np.array_equal(a, b) and sa == sb
+    assert not np.array_equal(a, c)
+    assert a.shape == (64, 64, 3) and a.dtype == np.uint8
+
+
+def test_concept_looks_and_held_out_triples_never_in_training_splits():
+    rng = random.Random(0)
+    seen_colours = {cls: set() for cls in world.CLASS_NAMES}
+    for split in ("train", "val"):
+        for _ in range(3000):
+            background, objects = sample_layout(rng, split)
+            for o in objects:
+                assert CONCEPT_LOOKS.get(o.cls) != o.colour, (split, o)
+                assert (o.cls, o.colour, background) not in HELD_OUT_TRIPLES, (split, o, background)
+                seen_colours[o.cls].add(o.colour)
+    for cls, colours in seen_colours.items():  # every other colour does occur for every class
+        assert colours == set(world.allowed_colours(cls)), cls
+    for _ in range(300):
+        background, objects = sample_layout(rng, "test")
+        assert (objects[0].cls, objects[0].colour, background) in HELD_OUT_TRIPLES
+    assert len(HELD_OUT_TRIPLES) == 20
+
+
+def test_ground_truth_boxes_and_captions_agree_with_the_pixels():
+    for i in range(60):
+        image, s = scene("val", i)
+        assert s.caption.startswith("a photo of ")
+        for o in s.objects:
+            x0, y0, x1, y1 = o.box
+            assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
+            assert o.cls in s.caption and o.colour in s.caption
+            cx = (x0 + x1) / 2
+            expected = {"left": (0, 30), "center": (22, 42), "right": (34, 64)}[o.position]
+            assert expected[0] <= cx <= expected[1], (s, o)
+        if len(s.objects) == 1:  # the object's body colour dominates its box more than elsewhere
+            o = s.objects[0]
+            x0, y0, x1, y1 = o.box
+            target = np.array(world.COLOURS[o.colour], dtype=float)
+            near = np.linalg.norm(image.astype(float) - target, axis=-1) < 40
+            inside = near[y0:y1, x0:x1].mean()
+            outside = (near.sum() - near[y0:y1, x0:x1].sum()) / (64 * 64 - (y1 - y0) * (x1 - x0))
+            assert inside > outside, (s.caption, inside, outside)
+
+
+def test_mirror_swaps_positions_and_boxes():
+    image, s = scene("train", 3)
+    m = mirrored(s, 64)
+    for a, b in zip(s.objects, m.objects):
+        assert {a.position, b.position} in ({"left", "right"}, {"center"})
+        assert b.box[0] == 64 - a.box[2] and b.box[2] == 64 - a.box[0]
+    assert mirrored(m, 64) == s
+
+
+def test_attribute_variants_hold_the_true_caption_at_the_truth_index():
+    for i in range(40):
+        _, s = scene("test", i)
+        if len(s.objects) != 1:
+            continue
+        for attr, (captions, truth) in attribute_variants(s).items():
+            assert captions[truth] == s.caption, attr
+            assert len(set(captions)) == len(captions)
+
+
+def test_render_split_is_reused_and_loaded_without_pickles(tmp_path):
+    render_split(tmp_path, "val", 12, seed=0)
+    stamp = (tmp_path / "val.npy").stat().st_mtime_ns
+    render_split(tmp_path, "val", 12, seed=0)
+    assert (tmp_path / "val.npy").stat().st_mtime_ns == stamp
+    split = load_split(tmp_path, "val")
+    assert len(split) == 12 and np.array_equal(split.images[5], scene("val", 5)[0])
+    x, scenes = split.batch(np.array([0, 1]), mirror=True)
+    assert x.shape == (4, 3, 64, 64) and torch.equal(x[2], x[0].flip(-1))
+    assert scenes[2] == mirrored(scenes[0], 64)
+
+
+def test_stage_loop_resumes_exactly(tmp_path):
+    from mixofshow.toyworld import model
+    from mixofshow.toyworld.stage import StageConfig
+    from mixofshow.toyworld.vae import train_vae
+
+    render_split(tmp_path / "data", "train", 32, seed=0)
+    render_split(tmp_path / "data", "val", 8, seed=0)
+    train, val = load_split(tmp_path / "data", "train"), load_split(tmp_path / "data", "val")
+    cfg = StageConfig(steps=4, batch=4, lr=1e-3, warmup=2, eval_every=2, checkpoint_every=2)
+    straight = model.build("vae")
+    m1 = train_vae(straight, train, val, tmp_path / "a", 0, cfg)
+    first = model.build("vae")
+    stopped = train_vae(first, train, val, tmp_path / "b", 0, cfg, max_minutes=1e-9)  # stops at step 1
+    assert not stopped.get("done") and stopped["step"] == 1
+    resumed = model.build("vae")
+    m2 = train_vae(resumed, train, val, tmp_path / "b", 0, cfg)
+    assert m2["done"] and [e["psnr_val"] for e in m2["evals"]] == [e["psnr_val"] for e in m1["evals"]]
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert m1["scaling_factor"] == m2["scaling_factor"] > 0
+
+
+def test_shipped_weights_are_checked_against_the_manifest(tmp_path):
+    from mixofshow.models.pretrained import build_toyworld_pipeline
+
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        build_toyworld_pipeline(folder=tmp_path)
+
+
+def test_pretrain_rejects_bad_arguments(capsys):
+    from mixofshow.cli import main
+
+    assert main(["pretrain", "--max-minutes", "0"]) == 2
+    assert "--max-minutes" in capsys.readouterr().err
