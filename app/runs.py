@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunInfo", "concept_files", "images_of", "inside", "list_runs", "read_text"]
+__all__ = ["RunInfo", "concept_files", "confined", "images_of", "inside", "list_runs", "read_text"]
 
 _SPECIAL = {"fused", "samples", "uploads", "presets", "exports", "compare"}
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -36,6 +36,15 @@ def inside(root: str | os.PathLike, path: str | os.PathLike) -> Path:
     if p != root_r and root_r not in p.parents:
         raise ValueError(f"{path}: not inside the app's runs folder {root}")
     return p
+
+
+def confined(root: str | os.PathLike, path: str | os.PathLike) -> Path | None:
+    """``path`` resolved (symlinks followed) if it lies inside ``root``, else ``None``: every file the
+    app reads for display goes through here, so a link inside a run folder shows nothing outside."""
+    try:
+        return inside(root, path)
+    except (ValueError, OSError):
+        return None
 
 
 @dataclass
@@ -52,9 +61,12 @@ class RunInfo:
         return f"{self.kind}: {self.name}"
 
 
-def _json(path: Path) -> dict[str, Any]:
+def _json(root: Path, path: Path) -> dict[str, Any]:
+    real = confined(root, path)
+    if real is None:
+        return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(real.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
@@ -73,18 +85,22 @@ def list_runs(runs_dir: str | os.PathLike) -> list[RunInfo]:
     runs: list[RunInfo] = []
     if not root.is_dir():
         return runs
+    def file_in(path: Path) -> Path | None:
+        real = confined(root, path)
+        return path if real is not None and real.is_file() else None
+
     for d in root.iterdir():
-        if d.is_dir() and d.name not in _SPECIAL and ((d / "config.yaml").is_file() or (d / "app_request.yaml").is_file()):
-            concept = d / f"{d.name}.safetensors"
-            metrics = _json(d / "metrics.json")
-            if metrics.get("concept_path"):
-                concept = Path(metrics["concept_path"])
-            runs.append(RunInfo("train", d.name, d, concept if concept.is_file() else None, metrics, _mtime(d)))
+        if d.is_dir() and d.name not in _SPECIAL and confined(root, d) is not None \
+                and (file_in(d / "config.yaml") or file_in(d / "app_request.yaml")):
+            metrics = _json(root, d / "metrics.json")
+            concept = Path(metrics["concept_path"]) if metrics.get("concept_path") else d / f"{d.name}.safetensors"
+            runs.append(RunInfo("train", d.name, d, file_in(concept), metrics, _mtime(d)))
     for d in (root / "fused").glob("*/"):
-        f = d / f"{d.name}.safetensors"
-        runs.append(RunInfo("fused", d.name, d, f if f.is_file() else None, {}, _mtime(d)))
+        if confined(root, d) is not None:
+            runs.append(RunInfo("fused", d.name, d, file_in(d / f"{d.name}.safetensors"), {}, _mtime(d)))
     for d in (root / "samples").glob("*/"):
-        runs.append(RunInfo("samples", d.name, d, None, _json(d / "index.json"), _mtime(d)))
+        if confined(root, d) is not None:
+            runs.append(RunInfo("samples", d.name, d, None, _json(root, d / "index.json"), _mtime(d)))
     runs.sort(key=lambda r: r.modified, reverse=True)
     return runs
 
@@ -94,20 +110,25 @@ def concept_files(runs_dir: str | os.PathLike) -> list[Path]:
     return [r.concept for r in list_runs(runs_dir) if r.concept is not None]
 
 
-def images_of(folder: str | os.PathLike, limit: int = 200) -> list[Path]:
-    """Images under ``folder`` (recursively), newest first."""
+def images_of(root: str | os.PathLike, folder: str | os.PathLike, limit: int = 200) -> list[Path]:
+    """Images under ``folder`` (recursively) that resolve inside ``root``, newest first."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = [p for p in folder.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file()]
+    found = [p for p in folder.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file()
+             and confined(root, p) is not None]
     found.sort(key=lambda p: (p.stat().st_mtime, str(p)), reverse=True)
     return found[:limit]
 
 
-def read_text(path: str | os.PathLike, tail: int = 20_000) -> str:
-    """The end of a text file (for logs), or '' when it does not exist."""
+def read_text(root: str | os.PathLike, path: str | os.PathLike, tail: int = 20_000) -> str:
+    """The end of a text file under ``root`` (for logs), or '' when it does not exist or resolves
+    outside ``root``."""
+    real = confined(root, path)
+    if real is None:
+        return ""
     try:
-        data = Path(path).read_bytes()
+        data = real.read_bytes()
     except OSError:
         return ""
     return data[-tail:].decode("utf-8", errors="replace")

@@ -21,6 +21,7 @@ import pandas as pd
 import yaml
 
 from app.context import AppContext, job_choices, job_summary, unique_name
+from app.runs import confined
 from app.tab_train import _absolute, base_config, job_command, shipped_concepts
 
 __all__ = ["build_compare_tab", "compare_request", "live_plot", "loss_curves"]
@@ -43,8 +44,9 @@ def live_plot(compare_dir: str | Path, cache: dict[str, Any]) -> str | None:
     if cache.get("key") != key or not path.is_file():
         curves: dict[str, list[tuple[int, list[float]]]] = {}
         for run, rows in frame.groupby("run", sort=True):
+            real = confined(folder, folder / "runs" / run / "config.yaml")
             try:
-                saved = yaml.safe_load((folder / "runs" / run / "config.yaml").read_text(encoding="utf-8")) or {}
+                saved = (yaml.safe_load(real.read_text(encoding="utf-8")) or {}) if real else {}
             except (OSError, yaml.YAMLError):
                 saved = {}
             name = (saved.get("optimizer") or {}).get("name", run)
@@ -54,14 +56,30 @@ def live_plot(compare_dir: str | Path, cache: dict[str, Any]) -> str | None:
     return str(path)
 
 
-def _yaml_config(upload, server_path: str) -> dict[str, Any]:
-    path = Path(upload) if upload else (Path(server_path.strip()) if server_path and server_path.strip() else None)
+def _yaml_config(upload, server_path: str, runs_dir: Path) -> dict[str, Any]:
+    """The uploaded YAML, or a file on the server inside the runs folder (symlinks resolved).
+
+    Errors name the file and the line, never quote its content.
+    """
+    if upload:
+        path = Path(upload)
+    elif server_path and server_path.strip():
+        path = confined(runs_dir, server_path.strip())
+        if path is None:
+            raise gr.Error(f"training YAML {server_path.strip()!r}: a file on the server must lie inside the "
+                           f"app's runs folder {runs_dir} (or upload it)")
+    else:
+        path = None
     if path is None or not path.is_file():
         raise gr.Error(f"training YAML {str(path or '')!r}: upload one or give a file on the server")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as err:
-        raise gr.Error(f"{path.name}: not a readable YAML file ({err})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise gr.Error(f"{path.name}: not valid YAML{where}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise gr.Error(f"{path.name}: not a readable text file ({type(err).__name__})") from None
     if not isinstance(data, dict) or "data" not in data or "concept" not in data:
         raise gr.Error(f"{path.name}: not a training config (expected data: and concept: sections)")
     return _absolute(data, path.parent)
@@ -83,14 +101,15 @@ def _shipped_config(name: str, resolution, prompts: list[str]) -> dict[str, Any]
 
 def compare_request(source: str, concept: str, upload, server_path: str, resolution, optimizers: list[str],
                     seeds: str, steps, prompts: str, num_images, sample_steps, heldout_draws, clip: str,
-                    clip_weights: str) -> dict[str, Any]:
-    """The compare job's config: ``{"train": training YAML dict, "optimizers", "seeds", "steps", "options"}``."""
+                    clip_weights: str, *, runs_dir: Path) -> dict[str, Any]:
+    """The compare job's config: ``{"train": training YAML dict, "optimizers", "seeds", "steps", "options"}``;
+    a server-side YAML must lie inside ``runs_dir``."""
     from mixofshow.evaluate.plan import COMPARE_KEYS, check_names
     from mixofshow.train.config import TrainConfig
     from mixofshow.utils.config import from_dict
 
     lines = [p.strip() for p in (prompts or "").splitlines() if p.strip()]
-    data = _shipped_config(concept, resolution, lines) if source == SOURCES[0] else _yaml_config(upload, server_path)
+    data = _shipped_config(concept, resolution, lines) if source == SOURCES[0] else _yaml_config(upload, server_path, runs_dir)
     data.pop("output_dir", None)
     try:
         names = check_names(list(optimizers or []))
@@ -123,7 +142,8 @@ def loss_curves(compare_dir: str | Path) -> pd.DataFrame:
         losses = []
         for name in ("compare_losses.json", "metrics.json"):
             try:
-                losses = json.loads((run / name).read_text(encoding="utf-8")).get("losses") or []
+                real = confined(compare_dir, run / name)
+                losses = (json.loads(real.read_text(encoding="utf-8")).get("losses") or []) if real else []
             except (OSError, ValueError):
                 continue
             if losses:
@@ -134,9 +154,9 @@ def loss_curves(compare_dir: str | Path) -> pd.DataFrame:
 
 
 def _report(compare_dir: Path) -> tuple[str, list[tuple[str, str]]]:
-    md = compare_dir / "comparison.md"
-    text = md.read_text(encoding="utf-8") if md.is_file() else "The report appears here when the comparison is done."
-    return text, [(str(compare_dir / p), p) for p in _PLOTS if (compare_dir / p).is_file()]
+    md = confined(compare_dir, compare_dir / "comparison.md")
+    text = md.read_text(encoding="utf-8") if md and md.is_file() else "The report appears here when the comparison is done."
+    return text, [(str(compare_dir / p), p) for p in _PLOTS if confined(compare_dir, compare_dir / p) and (compare_dir / p).is_file()]
 
 
 def build_compare_tab(ctx: AppContext) -> None:
@@ -185,7 +205,7 @@ def build_compare_tab(ctx: AppContext) -> None:
 
     def on_submit(*values):
         title, rest = values[0], values[1:]
-        request = compare_request(*rest)
+        request = compare_request(*rest, runs_dir=ctx.runs_dir)
         run = unique_name(ctx, title or "compare", ctx.runs_dir / "compare")
         j = ctx.store.submit("compare", run, {"compare": request}, str(ctx.runs_dir / "compare" / run), ctx.device)
         gr.Info(f"queued job #{j.id}: compare {run}", duration=4)

@@ -67,15 +67,15 @@ def build_runs_tab(ctx: AppContext):
         info = next((r for r in list_runs(ctx.runs_dir) if r.path.resolve() == folder), None)
         if info is None:
             raise gr.Error(f"{path}: no run there any more")
-        cfg = read_text(folder / "config.yaml") or read_text(folder / "app_request.yaml")
+        cfg = read_text(ctx.runs_dir, folder / "config.yaml") or read_text(ctx.runs_dir, folder / "app_request.yaml")
         losses = info.metrics.get("losses") if isinstance(info.metrics.get("losses"), list) else []
         frame = pd.DataFrame({"step": list(range(1, len(losses) + 1)), "loss": losses})
         text = f"**{info.label}**  \nfolder: `{folder}`  \nconcept: `{info.concept or '-'}`"
         shown = {k: v for k, v in info.metrics.items() if k not in ("losses", "images")}
         if info.kind == "samples":
             shown["images"] = len(info.metrics.get("images", []))
-        imgs = [(str(p), p.name) for p in images_of(folder, limit=40)]
-        return text, json.loads(json.dumps(shown)), frame, cfg, imgs, read_text(folder / "app.log")
+        imgs = [(str(p), p.name) for p in images_of(ctx.runs_dir, folder, limit=40)]
+        return text, json.loads(json.dumps(shown)), frame, cfg, imgs, read_text(ctx.runs_dir, folder / "app.log")
 
     run.change(show, run, [summary, metrics, plot, config, gallery, logs], api_name="runs_show")
 

@@ -278,7 +278,7 @@ def build_train_tab(ctx: AppContext) -> None:
         points = ctx.store.losses(j.id)
         frame = pd.DataFrame({"step": [s for s, _ in points], "loss": [l for _, l in points]})
         imgs = [(str(p), p.parent.name if p.parent.name.startswith("scale") else p.name)
-                for p in images_of(Path(j.run_dir) / "samples", limit=24)]
+                for p in images_of(ctx.runs_dir, Path(j.run_dir) / "samples", limit=24)]
         return gr.update(choices=choices, value=str(j.id)), job_summary(j), frame, imgs
 
     monitor = [job, status, plot, gallery]

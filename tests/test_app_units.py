@@ -142,7 +142,8 @@ def test_compare_job_stops_on_request_and_resumes(tmp_path, caplog):
     from app.worker import run_job
 
     store = JobStore(tmp_path / "jobs.sqlite")
-    request = compare_request("shipped concept", "robot", None, "", 64, ["adamw"], "0", 20, "", 1, 2, 2, "tiny", "")
+    request = compare_request("shipped concept", "robot", None, "", 64, ["adamw"], "0", 20, "", 1, 2, 2, "tiny", "",
+                              runs_dir=tmp_path)
     assert request["train"]["train"]["checkpoint_every"] == 20 and request["optimizers"] == ["adamw"]
     submitted = store.submit("compare", "c", {"compare": request}, str(tmp_path / "compare" / "c"), "cpu")
     job = store.claim("cpu", os.getpid())
@@ -169,3 +170,56 @@ def test_compare_job_stops_on_request_and_resumes(tmp_path, caplog):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 20 and len(metrics["losses"]) == 20
     assert metrics["losses"][:steps_at_stop] == before["losses"]  # continued from the stop's checkpoint
+
+
+def test_runs_tab_reads_nothing_through_links_out_of_the_runs_folder(tmp_path):
+    """A link inside a run folder (config.yaml -> a secret, a linked log, image or metrics) shows nothing."""
+    from app.runs import images_of, list_runs, read_text
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("password: hunter2\n")
+    outside_png = tmp_path / "outside.png"
+    Image.new("RGB", (4, 4)).save(outside_png)
+    runs = tmp_path / "runs"
+    linked = runs / "linked"
+    (linked / "samples").mkdir(parents=True)
+    (linked / "config.yaml").symlink_to(secret)
+    good = runs / "good"
+    (good / "samples").mkdir(parents=True)
+    (good / "config.yaml").write_text("name: good\n")
+    (good / "metrics.json").symlink_to(secret)
+    (good / "app.log").symlink_to(secret)
+    (good / "samples" / "leak.png").symlink_to(outside_png)
+    Image.new("RGB", (4, 4)).save(good / "samples" / "ok.png")
+    (runs / "escape").symlink_to(tmp_path, target_is_directory=True)
+
+    listed = {r.name: r for r in list_runs(runs)}
+    assert set(listed) == {"good"}  # "linked" has no config inside; "escape" leaves the folder
+    assert listed["good"].metrics == {}
+    assert read_text(runs, good / "app.log") == "" and read_text(runs, linked / "config.yaml") == ""
+    assert read_text(runs, good / "config.yaml") == "name: good\n"
+    assert [p.name for p in images_of(runs, good)] == ["ok.png"]
+
+
+def test_compare_yaml_on_the_server_stays_inside_the_runs_folder(tmp_path):
+    import gradio as gr
+
+    from app.tab_compare import compare_request
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    secret = tmp_path / "secret.yaml"
+    secret.write_text("data: {x: 1}\nconcept: {}\ntoken: sk-12345\n")
+    args = ("training YAML", "robot", None)
+    rest = (64, ["adamw"], "0", 20, "", 1, 2, 2, "tiny", "")
+    for path in (secret, runs / ".." / "secret.yaml"):
+        with pytest.raises(gr.Error, match="inside the app's runs folder"):
+            compare_request(*args, str(path), *rest, runs_dir=runs)
+    (runs / "link.yaml").symlink_to(secret)
+    with pytest.raises(gr.Error, match="inside the app's runs folder"):
+        compare_request(*args, str(runs / "link.yaml"), *rest, runs_dir=runs)
+    bad = runs / "bad.yaml"
+    bad.write_text("data: {x: 1}\nconcept: [sk-67890\n")
+    with pytest.raises(gr.Error) as err:
+        compare_request(*args, str(bad), *rest, runs_dir=runs)
+    assert "bad.yaml: not valid YAML at line" in str(err.value) and "sk-67890" not in str(err.value)
