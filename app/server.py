@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from app.context import AppContext
 from app.tab_compare import build_compare_tab
@@ -26,6 +27,7 @@ from app.tab_queue import build_queue_tab
 from app.tab_runs import build_runs_tab
 from app.tab_sample import _concepts, build_sample_tab
 from app.tab_train import _hp_updates, build_train_tab
+from app.login import LoginThrottle
 from app.uploads import LIMITS
 
 __all__ = ["build_app", "serve", "start_worker"]
@@ -40,7 +42,8 @@ def default_device() -> str:
 
 
 def build_app(ctx: AppContext) -> gr.Blocks:
-    with gr.Blocks(title="mixofshow") as demo:
+    # uploads land in Gradio's cache; files older than a day are removed every hour
+    with gr.Blocks(title="mixofshow", delete_cache=(3600, 86400)) as demo:
         gr.Markdown("## mixofshow: ED-LoRA concepts, fused and sampled")
         with gr.Tabs():
             with gr.Tab("Train", id="train"):
@@ -77,7 +80,8 @@ def start_worker(runs_dir: Path, device: str) -> subprocess.Popen:
 
 
 def serve(runs_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 7860,
-          auth: tuple[str, str] | None = None, device: str | None = None, block: bool = True):
+          auth: tuple[str, str] | None = None, device: str | None = None, block: bool = True,
+          ssl_certfile: str | None = None, ssl_keyfile: str | None = None):
     """Mark jobs of a previous app run that died with it, start the worker, serve the pages."""
     runs = Path(runs_dir).resolve()
     runs.mkdir(parents=True, exist_ok=True)
@@ -99,7 +103,8 @@ def serve(runs_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 7860
     atexit.register(stop_worker)
     demo = build_app(ctx)
     demo.queue(default_concurrency_limit=8)
-    print(f"mixofshow app: http://{host}:{port}  (runs folder {runs}; jobs on {ctx.device})", flush=True)
+    scheme = "https" if ssl_certfile else "http"
+    print(f"mixofshow app: {scheme}://{host}:{port}  (runs folder {runs}; jobs on {ctx.device})", flush=True)
     return demo.launch(
         server_name=host,
         server_port=port,
@@ -109,4 +114,9 @@ def serve(runs_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 7860
         prevent_thread_lock=not block,
         footer_links=["gradio"],
         quiet=True,
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
+        ssl_verify=False,  # a self-signed certificate is the common case on one's own machine
+        # failed logins slow down, then lock the client out (app/login.py)
+        app_kwargs={"middleware": [Middleware(LoginThrottle)]} if auth else None,
     )

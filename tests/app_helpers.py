@@ -23,21 +23,22 @@ def free_port() -> int:
 class AppServer:
     """``python -m app`` on 127.0.0.1 with its own runs folder; ``kill()`` is a hard SIGKILL."""
 
-    def __init__(self, runs_dir: Path, port: int | None = None) -> None:
+    def __init__(self, runs_dir: Path, port: int | None = None, args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None, ssl_context=None) -> None:
         self.runs_dir, self.port = Path(runs_dir), port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
+        self.url = f"{'https' if ssl_context else 'http'}://127.0.0.1:{self.port}/"
         env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
-                   OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+                   OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **(env or {}))
         self.log = open(self.runs_dir.parent / f"app-{self.port}.log", "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app", "--port", str(self.port), "--runs-dir", str(self.runs_dir)],
+            [sys.executable, "-m", "app", "--port", str(self.port), "--runs-dir", str(self.runs_dir), *args],
             cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 240
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"app exited with {self.proc.returncode}: {self.log_text()}")
             try:
-                urllib.request.urlopen(self.url, timeout=2)
+                urllib.request.urlopen(self.url, timeout=2, context=ssl_context)
                 return
             except OSError:
                 time.sleep(0.5)

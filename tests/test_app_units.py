@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from app.command import check_bind, parse_auth
+from app.command import check_bind
+from app.login import parse_auth
 from app.jobs import JobStore
 from app.uploads import LIMITS, UploadError, UploadLimits, check_image, save_concept_upload
 from mixofshow.cli import main
@@ -20,9 +21,10 @@ from mixofshow.cli import main
 def test_non_loopback_needs_auth(capsys):
     assert main(["app", "--host", "0.0.0.0"]) == 2
     assert "refusing to serve the app beyond this machine without a login" in capsys.readouterr().err
-    assert main(["app", "--host", "127.0.0.1", "--auth", "nopassword"]) == 2
+    assert main(["app", "--host", "127.0.0.1", "--auth", "alice:secret"]) == 2
+    assert "visible to every user" in capsys.readouterr().err
     check_bind("127.0.0.1", None), check_bind("::1", None), check_bind("localhost", None)
-    check_bind("0.0.0.0", parse_auth("alice:secret"))
+    check_bind("0.0.0.0", parse_auth("alice:secret", "test"))
     with pytest.raises(ValueError, match="--host 192.168.1.5"):
         check_bind("192.168.1.5", None)
 
@@ -223,3 +225,99 @@ def test_compare_yaml_on_the_server_stays_inside_the_runs_folder(tmp_path):
     with pytest.raises(gr.Error) as err:
         compare_request(*args, str(bad), *rest, runs_dir=runs)
     assert "bad.yaml: not valid YAML at line" in str(err.value) and "sk-67890" not in str(err.value)
+
+
+def test_login_comes_from_a_file_or_the_environment_never_argv(tmp_path, capsys):
+    from app.login import AUTH_ENV, load_auth
+
+    secret = tmp_path / "login"
+    secret.write_text("alice:s3cret\n")
+    assert load_auth(str(secret), {}) == ("alice", "s3cret")
+    assert load_auth(None, {AUTH_ENV: "bob:pw"}) == ("bob", "pw")
+    assert load_auth(str(secret), {AUTH_ENV: "bob:pw"}) == ("alice", "s3cret")  # the file wins
+    assert load_auth(None, {}) is None
+    (tmp_path / "bad").write_text("no-colon\n")
+    with pytest.raises(ValueError, match=r"--auth-file .*bad: expected USER:PASS"):
+        load_auth(str(tmp_path / "bad"), {})
+    with pytest.raises(ValueError, match="cannot be read"):
+        load_auth(str(tmp_path / "missing"), {})
+    assert main(["app", "--host", "0.0.0.0", "--auth-file", str(tmp_path / "bad")]) == 2
+    assert main(["app", "--ssl-certfile", str(secret)]) == 2
+    assert "go together" in capsys.readouterr().err
+
+
+def test_failed_logins_slow_down_then_lock_out_per_client():
+    """The throttle around a stand-in /login route; time and sleep are driven by the test."""
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from app.login import LoginThrottle
+
+    now, slept = [1000.0], []
+
+    async def fake_sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    async def login(request: Request):
+        form = await request.form()
+        ok = form.get("password") == "right"
+        return JSONResponse({"success": ok}, status_code=200 if ok else 400)
+
+    app = Starlette(routes=[Route("/login", login, methods=["POST"]), Route("/", lambda r: JSONResponse({}))],
+                    middleware=[Middleware(LoginThrottle, max_failures=5, window=60.0,
+                                           clock=lambda: now[0], sleep=fake_sleep)])
+    a = TestClient(app, client=("10.0.0.1", 1))
+    b = TestClient(app, client=("10.0.0.2", 1))
+    codes = [a.post("/login", data={"username": "u", "password": "wrong"}).status_code for _ in range(6)]
+    assert codes == [400] * 5 + [429]
+    assert slept == [0.25, 0.5, 1.0, 2.0]  # each retry after a failure waits twice as long
+    assert a.post("/login", data={"username": "u", "password": "right"}).status_code == 429  # locked out
+    assert b.post("/login", data={"username": "u", "password": "right"}).status_code == 200  # other client
+    assert a.get("/").status_code == 200  # only the login route is guarded
+    now[0] += 61  # the window has passed since the last failure
+    assert a.post("/login", data={"username": "u", "password": "right"}).status_code == 200
+    slept.clear()
+    assert a.post("/login", data={"username": "u", "password": "wrong"}).status_code == 400
+    assert slept == []  # a success cleared the record
+
+
+def test_app_serves_https_and_locks_out_login_guessing(tmp_path):
+    """A real server: TLS with a self-signed certificate, the login from the environment, lockout."""
+    import shutil
+    import ssl
+    import subprocess
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from app.login import AUTH_ENV
+    from tests.app_helpers import AppServer
+
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is needed to make the test certificate (Debian package openssl)")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    context = ssl.create_default_context(cafile=str(cert))
+    server = AppServer(tmp_path / "runs", args=("--ssl-certfile", str(cert), "--ssl-keyfile", str(key)),
+                       env={AUTH_ENV: "alice:s3cret"}, ssl_context=context)
+    try:
+        assert server.url.startswith("https://")
+        codes = []
+        for _ in range(11):
+            data = urllib.parse.urlencode({"username": "alice", "password": "guess"}).encode()
+            try:
+                urllib.request.urlopen(urllib.request.Request(server.url + "login", data=data), context=context)
+                codes.append(200)
+            except urllib.error.HTTPError as err:
+                codes.append(err.code)
+        assert codes == [400] * 10 + [429]
+        with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):  # it is TLS, with this cert
+            urllib.request.urlopen(server.url, context=ssl.create_default_context())
+    finally:
+        server.stop()
