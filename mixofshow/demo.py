@@ -18,6 +18,8 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
 
 
+# marks a run folder the demo made: only such a folder is replaced when the demo runs again
+DEMO_MARKER = ".mixofshow-demo"
 # the demo's prompts; the samples are training's end-of-run validation samples
 DEMO_PROMPTS = ["a photo of <robot1> <robot2>", "a photo of <robot1> <robot2> on the beach"]
 
@@ -50,10 +52,21 @@ def run(args: argparse.Namespace) -> int:
          "validation.lora_scales": [0.0, 1.0], "validation.num_images": 2, "validation.steps": 20},
     )
     check_output_dir(config.output_dir, "--output-dir")
+    from mixofshow.train.folder import claim_run_folder
     from mixofshow.train.loop import train
     from mixofshow.train.validation import validation_folder
+    from mixofshow.utils.config import ConfigError
+    from mixofshow.utils.io import atomic_write_text
 
-    result = train(config, overwrite=True)  # the demo's folder is its own: rerunning replaces it
+    marker = Path(config.output_dir) / DEMO_MARKER
+    if not marker.is_file():  # never replace a run the demo did not make
+        try:
+            claim_run_folder(config)
+        except ConfigError:
+            raise ConfigError(f"--output-dir {config.output_dir}: holds a training run the demo did not make; "
+                              "the demo replaces only its own runs: choose another --output-dir") from None
+        atomic_write_text(marker, "made by `mixofshow demo`: running the demo again replaces this run\n")
+    result = train(config, overwrite=True)  # the demo's own folder: rerunning replaces it
     out = validation_folder(config, result.steps)
     print(f"trained concept: {result.concept_path} ({result.steps} steps, optimizer {config.optimizer.name})")
     print(f"samples:         {out}/scale_0 (embeddings only) and {out}/scale_1 (with LoRA); all: {out}/grid.png")

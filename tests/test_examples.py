@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import EXAMPLE_TRAIN_CONFIG, REPO
 from PIL import Image
 
 from mixofshow.cli import main
@@ -72,10 +72,21 @@ def test_fuse_examples_script_runs_from_a_fresh_folder(tmp_path):
     assert "runs/fused/example.safetensors" in result.stdout
 
 
+def test_demo_never_replaces_a_run_it_did_not_make(tmp_path, capsys):
+    run = tmp_path / "mine"
+    assert main(["train", EXAMPLE_TRAIN_CONFIG, "--output-dir", str(run), "--max-steps", "1",
+                 "--set", "validation.every=-1"]) == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert main(["demo", "--max-steps", "1", "--output-dir", str(run)]) == 2
+    assert "holds a training run the demo did not make" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == before
+
+
 @pytest.mark.slow
 def test_demo_writes_samples_in_the_training_layout(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--max-steps", "1", "--output-dir", str(out)]) == 0
+    assert main(["demo", "--max-steps", "1", "--output-dir", str(out)]) == 0  # its own run: replaced
     step = out / "samples" / "step_000001"
     assert f"{step}/scale_0" in capsys.readouterr().out
     cells = []

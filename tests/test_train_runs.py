@@ -9,7 +9,7 @@ import torch
 
 from mixofshow.cli import main
 from mixofshow.train.config import TrainConfig
-from mixofshow.train.folder import config_differences
+from mixofshow.train.folder import RunLock, config_differences
 from mixofshow.train.loop import train
 from mixofshow.utils.config import ConfigError, to_dict
 
@@ -17,8 +17,9 @@ EXAMPLE_ARGS = ["--max-steps", "2", "--set", "validation.every=-1", "--set", "tr
 
 
 def _files(run):
-    """Every file of a run folder with its bytes and modification time."""
-    return {p.relative_to(run): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run.rglob("*")) if p.is_file()}
+    """Every file of a run folder with its bytes and modification time (not the lock's holder note)."""
+    return {p.relative_to(run): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run.rglob("*"))
+            if p.is_file() and p.name != RunLock.NAME}
 
 
 def test_a_new_run_into_a_used_folder_is_refused_and_changes_nothing(tmp_path, small_train_config, capsys):
@@ -178,3 +179,19 @@ def test_a_saved_optimizer_state_that_does_not_fit_is_a_clear_error(tmp_path, sm
     save_checkpoint(path.parent, ckpt.step, ckpt.trainable, {k: v for k, v in ckpt.state.items() if k != "rng"})
     with pytest.raises(ConfigError, match=r"step_000001: the saved optimizer state does not fit this run"):
         train(small_train_config(tmp_path), resume=True)
+
+
+def test_a_folder_in_use_by_a_training_run_is_refused(tmp_path, small_train_config, capsys):
+    """Two runs started into the same (new) folder: the second is refused naming the holder."""
+    config = small_train_config(tmp_path, **{"train.max_steps": 2})
+    with RunLock(tmp_path / "run"):  # what a training process holds while it runs
+        with pytest.raises(ConfigError, match=r"in use by a run that is still training \(pid \d+ on .*another --output-dir"):
+            train(config)
+        with pytest.raises(ConfigError, match="in use"):
+            train(config, overwrite=True)
+        from conftest import EXAMPLE_TRAIN_CONFIG
+
+        assert main(["train", EXAMPLE_TRAIN_CONFIG, "--output-dir", str(tmp_path / "run"), *EXAMPLE_ARGS]) == 2
+        assert "in use by a run that is still training" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert train(config).finished  # released: the folder is free again

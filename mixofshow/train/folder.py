@@ -11,14 +11,21 @@ A folder holds a run when a run left its state there: ``metrics.json``, a checkp
   matches the one saved in it: every differing key is named. Only the keys of
   :data:`RESUME_MAY_CHANGE` may differ (``configs/README.md``, "Run folders and resuming").
   A run that has already finished is left untouched.
+
+While a run trains, its process holds :class:`RunLock` on the folder, so a second process
+started into the same folder (even into a new one, at the same moment) gets an error naming the
+holder instead of mixing two runs' files.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import shutil
+import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +34,8 @@ from mixofshow.train.checkpoint import latest_checkpoint, load_checkpoint
 from mixofshow.train.config import TrainConfig
 from mixofshow.utils.config import ConfigError, load_yaml, to_dict
 
-__all__ = ["RESUME_MAY_CHANGE", "RunFolder", "claim_run_folder", "config_differences", "clear_run", "flatten_config"]
+__all__ = ["RESUME_MAY_CHANGE", "RunFolder", "RunLock", "claim_run_folder", "config_differences", "clear_run",
+           "flatten_config"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +58,49 @@ RESUME_MAY_CHANGE = (
     "train.max_skipped_steps",
     "validation",  # the whole section
 )
+
+
+class RunLock:
+    """An exclusive lock on a run folder for the life of a run: ``flock`` on ``<folder>/.lock``.
+
+    The operating system releases it when the process ends, however it ends (a killed run leaves
+    no stale lock). The file records the holder (pid, host, start time) for the error message.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.path = Path(folder) / self.NAME
+        self.fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 512).decode("utf-8", errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ConfigError(
+                f"output_dir: {self.path.parent} is in use by a run that is still training ({holder}); "
+                "wait for it to end, stop it, or choose another --output-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 @dataclass

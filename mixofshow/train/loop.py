@@ -34,7 +34,7 @@ from mixofshow.train.build import Setup, build_run, make_accelerator, seeded
 from mixofshow.train.config import TrainConfig, check_config
 from mixofshow.train.distributed import any_process, average_gradients, check_strategy, reduce_mean
 from mixofshow.train.finite import NonFiniteError, measure_step
-from mixofshow.train.folder import RunFolder, claim_run_folder, clear_run, flatten_config
+from mixofshow.train.folder import RunFolder, RunLock, claim_run_folder, clear_run, flatten_config
 from mixofshow.train.objective import LossOptions, edlora_loss
 from mixofshow.train.state import (
     OptimizerClock, RunState, build_metrics, recorded_seconds, restore_run, save_run, write_metrics,
@@ -100,6 +100,17 @@ def train(
     _check_nan_keys(config)
     check_strategy(config.optimizer.name)  # DDP only: FSDP / DeepSpeed refused with the reason
     accelerator = make_accelerator(config)
+    # the main process owns the folder while it trains: a second run into it is refused
+    lock = RunLock(config.output_dir).acquire() if accelerator.is_main_process else None
+    try:
+        return _train_locked(config, accelerator, progress, should_stop, resume, overwrite, commands)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(config: TrainConfig, accelerator, progress, should_stop, resume: bool, overwrite: bool,
+                  commands) -> TrainResult:
     folder = claim_run_folder(config, resume=resume, overwrite=overwrite)
     accelerator.wait_for_everyone()  # every process has read the folder before the main one changes it
     if folder.finished:
