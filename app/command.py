@@ -71,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
     auth = load_auth(args.auth_file)
     check_bind(args.host, auth)
     check_tls(args.ssl_certfile, args.ssl_keyfile)
+    from mixofshow.utils.paths import check_output_dir
+
+    check_output_dir(args.runs_dir, "--runs-dir")  # a file, or a read-only place: exit 2 before gradio loads
     if not 0 < args.port < 65536:
         raise ValueError(f"--port {args.port}: expected 1..65535")
     from app.server import serve  # gradio is imported here, not at `mixofshow --help`

@@ -70,13 +70,20 @@ def build_app(ctx: AppContext) -> gr.Blocks:
 
 
 def start_worker(runs_dir: Path, device: str) -> subprocess.Popen:
-    """The worker process (app/worker.py); it exits by itself when this process is gone."""
+    """The worker process (app/worker.py); it exits by itself when this process is gone.
+
+    Its output goes to ``<runs>/worker.log``, not to this process's stdout: when that is a pipe
+    (``mixofshow app | tee log``) and Ctrl+C ends the reader too, a write would raise
+    BrokenPipeError inside a running training instead of letting it checkpoint.
+    """
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     cmd = [sys.executable, "-m", "app.worker", "--runs-dir", str(runs_dir), "--device", device,
            "--parent", str(os.getpid())]
-    return subprocess.Popen(cmd, env=env, start_new_session=True)
+    with open(runs_dir / "worker.log", "ab") as log_file:  # the child keeps its own descriptor
+        return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log_file, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
 
 
 def serve(runs_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 7860,
@@ -104,7 +111,8 @@ def serve(runs_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 7860
     demo = build_app(ctx)
     demo.queue(default_concurrency_limit=8)
     scheme = "https" if ssl_certfile else "http"
-    print(f"mixofshow app: {scheme}://{host}:{port}  (runs folder {runs}; jobs on {ctx.device})", flush=True)
+    print(f"mixofshow app: {scheme}://{host}:{port}  (runs folder {runs}; jobs on {ctx.device}; "
+          f"worker log {runs / 'worker.log'})", flush=True)
     return demo.launch(
         server_name=host,
         server_port=port,

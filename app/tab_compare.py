@@ -21,6 +21,7 @@ import pandas as pd
 import yaml
 
 from app.context import AppContext, job_choices, job_summary, unique_name
+from app.errors import UserError
 from app.runs import confined
 from app.tab_train import _absolute, base_config, job_command, shipped_concepts
 
@@ -66,29 +67,29 @@ def _yaml_config(upload, server_path: str, runs_dir: Path) -> dict[str, Any]:
     elif server_path and server_path.strip():
         path = confined(runs_dir, server_path.strip())
         if path is None:
-            raise gr.Error(f"training YAML {server_path.strip()!r}: a file on the server must lie inside the "
+            raise UserError(f"training YAML {server_path.strip()!r}: a file on the server must lie inside the "
                            f"app's runs folder {runs_dir} (or upload it)")
     else:
         path = None
     if path is None or not path.is_file():
-        raise gr.Error(f"training YAML {str(path or '')!r}: upload one or give a file on the server")
+        raise UserError(f"training YAML {str(path or '')!r}: upload one or give a file on the server")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise gr.Error(f"{path.name}: not valid YAML{where}") from None
+        raise UserError(f"{path.name}: not valid YAML{where}") from None
     except (OSError, UnicodeDecodeError) as err:
-        raise gr.Error(f"{path.name}: not a readable text file ({type(err).__name__})") from None
+        raise UserError(f"{path.name}: not a readable text file ({type(err).__name__})") from None
     if not isinstance(data, dict) or "data" not in data or "concept" not in data:
-        raise gr.Error(f"{path.name}: not a training config (expected data: and concept: sections)")
+        raise UserError(f"{path.name}: not a training config (expected data: and concept: sections)")
     return _absolute(data, path.parent)
 
 
 def _shipped_config(name: str, resolution, prompts: list[str]) -> dict[str, Any]:
     shipped = shipped_concepts()
     if name not in shipped:
-        raise gr.Error(f"shipped concept {name!r}: pick one of {', '.join(shipped)}")
+        raise UserError(f"shipped concept {name!r}: pick one of {', '.join(shipped)}")
     data = base_config()
     words = [f"<{name}1>", f"<{name}2>"]
     data["name"] = name
@@ -115,18 +116,18 @@ def compare_request(source: str, concept: str, upload, server_path: str, resolut
         names = check_names(list(optimizers or []))
         seed_list = [int(s) for s in str(seeds).replace(",", " ").split()]
     except ValueError as err:
-        raise gr.Error(str(err) if optimizers else "optimizers: tick at least one") from None
+        raise UserError(str(err) if optimizers else "optimizers: tick at least one") from None
     if not seed_list or len(set(seed_list)) != len(seed_list):
-        raise gr.Error(f"seeds {seeds!r}: expected distinct integers, e.g. 0, 1, 2")
+        raise UserError(f"seeds {seeds!r}: expected distinct integers, e.g. 0, 1, 2")
     if int(steps) < 1:
-        raise gr.Error(f"steps: expected a positive number, got {steps}")
+        raise UserError(f"steps: expected a positive number, got {steps}")
     train = data.setdefault("train", {})
     train["checkpoint_every"] = max(1, min(int(train.get("checkpoint_every") or steps), int(steps)))
     check = {k: v for k, v in copy.deepcopy(data).items() if k not in COMPARE_KEYS}
     try:
         from_dict(TrainConfig, check, where="compare base config")
     except ValueError as err:
-        raise gr.Error(str(err)) from None
+        raise UserError(str(err)) from None
     options: dict[str, Any] = {"num_images": int(num_images), "sample_steps": int(sample_steps),
                                "heldout_draws": int(heldout_draws), "clip": clip.strip() or None,
                                "clip_weights": clip_weights.strip() or None}

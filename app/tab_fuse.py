@@ -10,6 +10,7 @@ import gradio as gr
 import pandas as pd
 
 from app.context import AppContext, job_choices, job_summary, unique_name
+from app.errors import UserError
 from app.runs import list_runs
 
 __all__ = ["build_fuse_tab"]
@@ -60,16 +61,16 @@ def build_fuse_tab(ctx: AppContext):
         rows = table.values.tolist() if isinstance(table, pd.DataFrame) else list(table or [])
         rows = [r for r in rows if r and r[0]] or [[f, 1.0, 1.0] for f in files or []]
         if not rows:
-            raise gr.Error("pick at least one trained concept")
+            raise UserError("pick at least one trained concept")
         entries = []
         for file, te, un in rows:
             try:
                 path = ctx.path(ctx.runs_dir / file)
                 entries.append({"file": str(path), "text_encoder_alpha": float(te), "unet_alpha": float(un)})
             except (TypeError, ValueError) as err:
-                raise gr.Error(f"{file}: {err}") from None
+                raise UserError(f"{file}: {err}") from None
             if not path.is_file():
-                raise gr.Error(f"{file}: no such concept file")
+                raise UserError(f"{file}: no such concept file")
         folder = unique_name(ctx, fused_name or "fused", ctx.runs_dir / "fused")
         run_dir = ctx.runs_dir / "fused" / folder
         config = {"concepts": entries, "method": method_name, "output": str(run_dir / f"{folder}.safetensors")}
@@ -79,7 +80,7 @@ def build_fuse_tab(ctx: AppContext):
         try:
             from_dict(FuseConfig, dict(config), where="fusion form")
         except ValueError as err:
-            raise gr.Error(str(err)) from None
+            raise UserError(str(err)) from None
         j = ctx.store.submit("fuse", folder, {"fuse": config}, str(run_dir), ctx.device)
         gr.Info(f"queued job #{j.id}: fuse {len(entries)} concepts", duration=4)
         return gr.update(choices=job_choices(ctx, "fuse"), value=str(j.id)), str(j.id)

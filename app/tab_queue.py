@@ -9,6 +9,7 @@ import gradio as gr
 import pandas as pd
 
 from app.context import AppContext, fmt_seconds
+from app.errors import UserError
 
 __all__ = ["build_queue_tab", "jobs_table"]
 
@@ -51,7 +52,7 @@ def build_queue_tab(ctx: AppContext):
         try:
             j = ctx.store.get(int(jid))
         except ValueError as err:
-            raise gr.Error(str(err)) from None
+            raise UserError(str(err)) from None
         return {"id": j.id, "kind": j.kind, "name": j.name, "state": j.state, "progress": j.progress,
                 "run_dir": j.run_dir, "error": j.error, "resume": j.resume, "started": j.started,
                 "finished": j.finished, "config": j.config}
@@ -59,7 +60,7 @@ def build_queue_tab(ctx: AppContext):
     def act(kind):
         def fn(jid):
             if not jid:
-                raise gr.Error("enter a job id from the table")
+                raise UserError("enter a job id from the table")
             try:
                 if kind == "up":
                     ctx.store.move(int(jid), -1)
@@ -70,7 +71,7 @@ def build_queue_tab(ctx: AppContext):
                 else:
                     ctx.store.resume(int(jid))
             except ValueError as err:
-                raise gr.Error(str(err)) from None
+                raise UserError(str(err)) from None
             return jobs_table(ctx), info(jid)
         return fn
 

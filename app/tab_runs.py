@@ -11,6 +11,7 @@ import gradio as gr
 import pandas as pd
 
 from app.context import AppContext
+from app.errors import UserError
 from app.runs import images_of, list_runs, read_text
 
 __all__ = ["build_runs_tab", "export_concept"]
@@ -63,10 +64,10 @@ def build_runs_tab(ctx: AppContext):
         try:
             folder = ctx.path(path)
         except ValueError as err:
-            raise gr.Error(str(err)) from None
+            raise UserError(str(err)) from None
         info = next((r for r in list_runs(ctx.runs_dir) if r.path.resolve() == folder), None)
         if info is None:
-            raise gr.Error(f"{path}: no run there any more")
+            raise UserError(f"{path}: no run there any more")
         cfg = read_text(ctx.runs_dir, folder / "config.yaml") or read_text(ctx.runs_dir, folder / "app_request.yaml")
         losses = info.metrics.get("losses") if isinstance(info.metrics.get("losses"), list) else []
         frame = pd.DataFrame({"step": list(range(1, len(losses) + 1)), "loss": losses})
@@ -81,16 +82,16 @@ def build_runs_tab(ctx: AppContext):
 
     def on_export(path, kind):
         if not path:
-            raise gr.Error("pick a run first")
+            raise UserError("pick a run first")
         info = next((r for r in list_runs(ctx.runs_dir) if r.path.resolve() == ctx.path(path)), None)
         if info is None or info.concept is None:
-            raise gr.Error("this run has no concept file (yet)")
+            raise UserError("this run has no concept file (yet)")
         if info.kind == "fused" and kind != "safetensors":
-            raise gr.Error("a fused model downloads as its .safetensors file (diffusers/kohya export is for concepts)")
+            raise UserError("a fused model downloads as its .safetensors file (diffusers/kohya export is for concepts)")
         try:
             return export_concept(ctx, info.concept, kind)
         except ValueError as err:
-            raise gr.Error(str(err)) from None
+            raise UserError(str(err)) from None
 
     export_btn.click(on_export, [run, fmt], files, api_name="runs_export")
     return run, on_refresh

@@ -24,6 +24,7 @@ import gradio as gr
 from PIL import Image, ImageDraw
 
 from app.context import AppContext, job_choices, job_summary, unique_name
+from app.errors import UserError
 from app.runs import concept_files
 from app.uploads import UploadError, save_condition_upload
 
@@ -159,14 +160,14 @@ def build_sample_tab(ctx: AppContext):
     def on_submit(concept_path, prompts, neg, first_seed, n, n_steps, guidance, sched, scale, region_text,
                   cond_adapter_name=None, cond_image_path=None, cond_weight_value=1.0):
         if not concept_path:
-            raise gr.Error("pick a concept or fused model (train or fuse one first)")
+            raise UserError("pick a concept or fused model (train or fuse one first)")
         try:
             path = ctx.path(concept_path)
             parse_regions(region_text)
         except ValueError as err:
-            raise gr.Error(str(err)) from None
+            raise UserError(str(err)) from None
         if region_text.strip() and not _regions_supported():
-            raise gr.Error("regional sampling is not in this build yet (mixofshow.sample has no regions); "
+            raise UserError("regional sampling is not in this build yet (mixofshow.sample has no regions); "
                            "clear the regions to sample the whole image")
         from mixofshow.sample.load import adapter_metadata
         from mixofshow.sample.adapters import conditions_from_data
@@ -186,7 +187,7 @@ def build_sample_tab(ctx: AppContext):
                 config["conditions"] = conditions
             check_inputs(SampleConfig(**dict(config, conditions=conditions_from_data(conditions, "conditions"))))
         except (UploadError, ValueError, TypeError) as err:
-            raise gr.Error(str(err)) from None
+            raise UserError(str(err)) from None
         run = unique_name(ctx, path.stem, ctx.runs_dir / "samples")
         j = ctx.store.submit("sample", run, {"sample": config}, str(ctx.runs_dir / "samples" / run), ctx.device)
         gr.Info(f"queued job #{j.id}: {len(config['prompts']) * config['num_images']} images", duration=4)
@@ -209,11 +210,11 @@ def build_sample_tab(ctx: AppContext):
 
     def on_zip(job_id):
         if not job_id:
-            raise gr.Error("pick a sample job first")
+            raise UserError("pick a sample job first")
         run_dir = Path(ctx.store.get(int(job_id)).run_dir)
         files = sorted(run_dir.glob("*.png")) + [p for p in [run_dir / "index.json"] if p.is_file()]
         if not files:
-            raise gr.Error("no images yet")
+            raise UserError("no images yet")
         out = run_dir / f"{run_dir.name}.zip"
         with zipfile.ZipFile(out, "w") as z:
             for f in files:

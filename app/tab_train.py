@@ -17,6 +17,7 @@ import pandas as pd
 import yaml
 
 from app.context import AppContext, job_choices, job_summary, unique_name
+from app.errors import UserError
 from app.runs import images_of
 from app.uploads import UploadError, save_concept_upload
 from mixofshow.demo import repo_root
@@ -76,7 +77,7 @@ def _hp_values(name: str, texts: list[str]) -> dict[str, Any]:
         try:
             value = yaml.safe_load(str(text)) if text is not None and str(text).strip() else None
         except yaml.YAMLError:
-            raise gr.Error(f"optimizer.params.{key}: {text!r} is not a valid value") from None
+            raise UserError(f"optimizer.params.{key}: {text!r} is not a valid value") from None
         default = spec.defaults[key]
         if value is None:
             continue
@@ -87,7 +88,7 @@ def _hp_values(name: str, texts: list[str]) -> dict[str, Any]:
         try:
             check(name, params)
         except ValueError as err:
-            raise gr.Error(f"optimizer.params.{err}") from None
+            raise UserError(f"optimizer.params.{err}") from None
     return params
 
 
@@ -98,9 +99,9 @@ def form_to_config(base: dict[str, Any] | None, concept_list: str, name: str, wo
     data = copy.deepcopy(base or base_config())
     word_list = words.split()
     if not word_list or not all(w.startswith("<") and w.endswith(">") for w in word_list):
-        raise gr.Error(f"concept words {words!r}: expected words like <robot1> <robot2>")
+        raise UserError(f"concept words {words!r}: expected words like <robot1> <robot2>")
     if not name.strip():
-        raise gr.Error("name: give the run a name")
+        raise UserError("name: give the run a name")
     data["name"] = name.strip()
     data["base_model"] = base_model.strip() or "embedded"
     d = data.setdefault("data", {})
@@ -126,7 +127,7 @@ def form_to_config(base: dict[str, Any] | None, concept_list: str, name: str, wo
     try:
         from_dict(TrainConfig, copy.deepcopy(data), where="training form")
     except ValueError as err:
-        raise gr.Error(str(err)) from None
+        raise UserError(str(err)) from None
     return data
 
 
@@ -204,15 +205,15 @@ def build_train_tab(ctx: AppContext) -> None:
     def resolve_concept(src, shipped_name, imgs, caps, msks, listed) -> str:
         if src == SOURCES[0]:
             if shipped_name not in shipped:
-                raise gr.Error(f"shipped concept {shipped_name!r}: pick one of {', '.join(shipped)}")
+                raise UserError(f"shipped concept {shipped_name!r}: pick one of {', '.join(shipped)}")
             return str(shipped[shipped_name])
         if src == SOURCES[1]:
             try:
                 return str(save_concept_upload(imgs, caps, msks, ctx.runs_dir / "uploads"))
             except UploadError as err:
-                raise gr.Error(str(err)) from None
+                raise UserError(str(err)) from None
         if not listed or not Path(listed).is_file():
-            raise gr.Error(f"concept list {listed!r}: no such file on the server")
+            raise UserError(f"concept list {listed!r}: no such file on the server")
         return listed
 
     def collect(base, src, shipped_name, imgs, caps, msks, listed, *values):
@@ -247,9 +248,9 @@ def build_train_tab(ctx: AppContext) -> None:
         try:
             data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         except (OSError, yaml.YAMLError, UnicodeDecodeError) as err:
-            raise gr.Error(f"{Path(path).name}: not a readable YAML preset ({err})") from None
+            raise UserError(f"{Path(path).name}: not a readable YAML preset ({err})") from None
         if not isinstance(data, dict) or "data" not in data or "concept" not in data:
-            raise gr.Error(f"{Path(path).name}: not a training config (expected data: and concept: sections)")
+            raise UserError(f"{Path(path).name}: not a training config (expected data: and concept: sections)")
         base = Path(path).parent if Path(path).parent == presets_dir else repo_root() / "configs"
         data = _absolute(data, base)
         cl = data["data"].get("concept_list", "")
@@ -301,7 +302,7 @@ def job_command(ctx: AppContext, kind: str, what: str):
     ``kind`` (``JOB_COMMAND_INFO``) is sent to the running job; returns the job id."""
     def fn(job_id):
         if not job_id:
-            raise gr.Error(f"pick a {what} job first")
+            raise UserError(f"pick a {what} job first")
         try:
             if kind == "resume":
                 ctx.store.resume(int(job_id))
@@ -310,6 +311,6 @@ def job_command(ctx: AppContext, kind: str, what: str):
                 ctx.store.send(int(job_id), kind)
                 gr.Info(JOB_COMMAND_INFO[kind])
         except ValueError as err:
-            raise gr.Error(str(err)) from None
+            raise UserError(str(err)) from None
         return job_id
     return fn

@@ -24,7 +24,7 @@ class AppServer:
     """``python -m app`` on 127.0.0.1 with its own runs folder; ``kill()`` is a hard SIGKILL."""
 
     def __init__(self, runs_dir: Path, port: int | None = None, args: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None, ssl_context=None) -> None:
+                 env: dict[str, str] | None = None, ssl_context=None, piped: bool = False) -> None:
         self.runs_dir, self.port = Path(runs_dir), port or free_port()
         self.url = f"{'https' if ssl_context else 'http'}://127.0.0.1:{self.port}/"
         env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
@@ -32,7 +32,7 @@ class AppServer:
         self.log = open(self.runs_dir.parent / f"app-{self.port}.log", "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "app", "--port", str(self.port), "--runs-dir", str(self.runs_dir), *args],
-            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+            cwd=ROOT, env=env, stdout=subprocess.PIPE if piped else self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 240
         while time.time() < deadline:
             if self.proc.poll() is not None:

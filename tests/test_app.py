@@ -83,7 +83,8 @@ def test_user_errors_are_messages_not_tracebacks(server):
     client = server.client()
     args = train_args("bad", 4)
     args[7] = "robot1"  # concept words without <...>
-    with pytest.raises(AppError, match="concept words 'robot1'"):
+    # escaped once (app/errors.py): the page renders the message as HTML and shows "<robot1> <robot2>"
+    with pytest.raises(AppError, match="concept words 'robot1': expected words like &lt;robot1&gt; &lt;robot2&gt;"):
         client.predict(*args, api_name="/train_submit")
     with pytest.raises(AppError, match="not inside the app's runs folder"):
         client.predict("/etc/passwd", "x", "", 0, 1, 2, 7.5, "dpm", 1.0, "", api_name="/sample_submit")
@@ -152,6 +153,30 @@ def test_restart_marks_interrupted_and_resumes(tmp_path):
         info = wait_for(client, job_id, lambda j: j["state"] in ("done", "failed"))
         assert info["state"] == "done" and info["progress"]["step"] == 60, info
         assert "resumed from" in (Path(info["run_dir"]) / "app.log").read_text()
+    finally:
+        app.stop()
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_piped_output_checkpoints_the_running_job(tmp_path):
+    """`mixofshow app | tee log`, then Ctrl+C: the reader dies with the app; the training checkpoints."""
+    import signal
+
+    runs = tmp_path / "runs"
+    app = AppServer(runs, piped=True)
+    client = app.client()
+    job_id = _submit(client, "piped", 200)
+    wait_for(client, job_id, lambda j: (j["progress"].get("step") or 0) >= 3)
+    app.proc.stdout.close()  # tee is gone: any write to the pipe now fails
+    app.proc.send_signal(signal.SIGINT)
+    app.proc.wait(timeout=120)
+    app.log.close()
+    app = AppServer(runs)  # waits for the old worker to end, then reads the store
+    try:
+        info = job(app.client(), job_id)
+        assert info["state"] in ("stopped", "interrupted"), info
+        assert list((Path(info["run_dir"]) / "checkpoints").glob("step_*")), "no checkpoint was written"
+        assert "BrokenPipeError" not in (runs / "worker.log").read_text()
     finally:
         app.stop()
 

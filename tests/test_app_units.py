@@ -244,6 +244,8 @@ def test_login_comes_from_a_file_or_the_environment_never_argv(tmp_path, capsys)
     assert main(["app", "--host", "0.0.0.0", "--auth-file", str(tmp_path / "bad")]) == 2
     assert main(["app", "--ssl-certfile", str(secret)]) == 2
     assert "go together" in capsys.readouterr().err
+    assert main(["app", "--runs-dir", str(secret)]) == 2  # a file, not a folder: no traceback
+    assert f"--runs-dir {secret}: exists and is a file" in capsys.readouterr().err
 
 
 def test_failed_logins_slow_down_then_lock_out_per_client():

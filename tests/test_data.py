@@ -113,10 +113,12 @@ def test_no_mask_is_ones_inside_and_zero_on_padding(tmp_path: Path) -> None:
     assert torch.all(s["mask"][0, ~rows] == 0.0)
 
 
-def test_use_masks_false_ignores_mask_files(tmp_path: Path) -> None:
+def test_an_all_black_mask_is_an_error_naming_it_unless_masks_are_off(tmp_path: Path) -> None:
     src = make_concept(tmp_path / "c", n=1)
     Image.new("L", (32, 32), 0).save(src.mask_dir / "img0.png")  # type: ignore[operator]
-    assert ConceptDataset([src], MAPPING, 16).get(0, gen(0))["mask"].sum() == 0
+    for cache in (True, False):  # decoded at construction, or at first use
+        with pytest.raises(ConceptDataError, match=r"mask .*img0\.png is all black .*data\.use_masks"):
+            ConceptDataset([src], MAPPING, 16, cache_images=cache).get(0, gen(0))
     no_masks = ConceptDataset([src], MAPPING, 16, use_masks=False)
     assert torch.all(no_masks.get(0, gen(0))["mask"] == 1)
 

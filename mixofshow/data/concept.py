@@ -359,6 +359,11 @@ class ConceptDataset(torch.utils.data.Dataset):
                 f"mask {sample.mask_path} is {mask.size[0]}x{mask.size[1]} but its image "
                 f"{sample.image_path} is {image.size[0]}x{image.size[1]} (expected the same size)"
             )
+        if mask.getextrema()[1] == 0:  # the masked loss would train on nothing, silently (loss 0.0)
+            raise ConceptDataError(
+                f"mask {sample.mask_path} is all black (no subject pixel) for image {sample.image_path}: "
+                "expected white where the subject is; fix the mask, or train without masks (data.use_masks: false)"
+            )
         return image, mask
 
     def __len__(self) -> int:
