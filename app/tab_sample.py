@@ -24,7 +24,7 @@ import gradio as gr
 from PIL import Image, ImageDraw
 
 from app.context import AppContext, job_choices, job_summary, unique_name
-from app.errors import UserError
+from app.errors import UserError, form_number
 from app.runs import concept_files
 from app.uploads import UploadError, save_condition_upload
 
@@ -176,8 +176,9 @@ def build_sample_tab(ctx: AppContext):
         try:
             meta, _ = adapter_metadata(path)
             config = {"prompts": [p.strip() for p in prompts.splitlines() if p.strip()], "negative_prompt": neg,
-                      "seed": int(first_seed), "num_images": int(n), "steps": int(n_steps),
-                      "guidance_scale": float(guidance), "scheduler": sched, "lora_scale": float(scale),
+                      "seed": form_number(first_seed, "seed"), "num_images": form_number(n, "images per prompt"),
+                      "steps": form_number(n_steps, "steps"), "guidance_scale": form_number(guidance, "CFG", float),
+                      "scheduler": sched, "lora_scale": form_number(scale, "LoRA scale", float),
                       "concept": str(path), "base_model": meta.get("base_model", "embedded")}
             if region_text.strip():  # boxes as [top, left, bottom, right] fractions (README "Regional sampling")
                 config["regions"] = [{"prompt": p, "box": [y0, x0, y1, x1]}

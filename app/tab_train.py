@@ -104,6 +104,12 @@ def form_to_config(base: dict[str, Any] | None, concept_list: str, name: str, wo
         raise UserError("name: give the run a name")
     data["name"] = name.strip()
     data["base_model"] = base_model.strip() or "embedded"
+    from mixofshow.models.loading import check_base_model
+
+    try:
+        check_base_model(data["base_model"])  # refused here, not later in the worker
+    except ValueError as err:
+        raise UserError(f"base model: {err}") from None
     d = data.setdefault("data", {})
     d.update(concept_list=concept_list, replace_mapping={"<TOK>": " ".join(word_list)}, resolution=int(resolution))
     c = data.setdefault("concept", {})

@@ -28,9 +28,26 @@ import yaml
 
 from app.jobs import Job, JobStore
 
-__all__ = ["main", "run_job", "run_worker"]
+__all__ = ["TrainingRate", "main", "run_job", "run_worker"]
 
 log = logging.getLogger("app.worker")
+
+
+class TrainingRate:
+    """Seconds per training step, counting only the time between training steps: the time a
+    validation or checkpoint takes (reported when it is done) is left out, so the ETA is the time
+    the remaining steps need, not inflated by the samples drawn so far."""
+
+    def __init__(self) -> None:
+        self.seconds, self.steps = 0.0, 0
+        self.prev: tuple[float, int] | None = None
+
+    def update(self, phase: str, step: int, now: float) -> float | None:
+        if phase == "train" and self.prev is not None and step > self.prev[1]:
+            self.seconds += now - self.prev[0]
+            self.steps += step - self.prev[1]
+        self.prev = (now, step)
+        return self.seconds / self.steps if self.steps else None
 
 _REPORT_EVERY = 0.5  # seconds between progress writes while training
 _SHUTDOWN_GRACE = 20.0  # seconds a running job gets to checkpoint after the server died
@@ -48,20 +65,19 @@ def _train(store: JobStore, job: Job, shutdown: threading.Event) -> str:
 
         atomic_write_text(request, yaml.safe_dump(job.config["train"], sort_keys=False))
     config = load_train_config(request, {"output_dir": str(run_dir), "train.device": job.device})
-    clock = {"t0": time.perf_counter(), "step0": None, "last": 0.0}
+    clock = {"last": 0.0}
+    rate = TrainingRate()
     pending: list[tuple[int, float]] = []
     state: dict[str, Any] = {}
 
     def progress(p) -> None:
         now = time.perf_counter()
-        if clock["step0"] is None:
-            clock["step0"], clock["t0"] = (p.step - 1 if p.phase == "train" else p.step), now
+        seconds_per_step = rate.update(p.phase, p.step, now)
         if p.phase == "train" and p.loss is not None:
             pending.append((p.step, float(p.loss)))
-        done = p.step - clock["step0"]
-        rate = (now - clock["t0"]) / done if done > 0 else None
         state.update(step=p.step, max_steps=p.max_steps, loss=p.loss, lr=p.lr, phase=p.phase,
-                     seconds_per_step=rate, eta=rate * (p.max_steps - p.step) if rate else None)
+                     seconds_per_step=seconds_per_step,
+                     eta=seconds_per_step * (p.max_steps - p.step) if seconds_per_step else None)
         if p.path:
             state[f"last_{p.phase}"] = p.path
         if p.phase != "train" or now - clock["last"] >= _REPORT_EVERY or p.step == p.max_steps:

@@ -42,8 +42,9 @@ class AppServer:
                 return
             except OSError:
                 time.sleep(0.5)
+        text = self.log_text()  # before stop() closes the log
         self.stop()
-        raise RuntimeError(f"app did not start: {self.log_text()}")
+        raise RuntimeError(f"app did not start: {text}")
 
     def log_text(self) -> str:
         self.log.flush()

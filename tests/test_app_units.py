@@ -323,3 +323,34 @@ def test_app_serves_https_and_locks_out_login_guessing(tmp_path):
             urllib.request.urlopen(server.url, context=ssl.create_default_context())
     finally:
         server.stop()
+
+
+def test_seconds_per_step_and_eta_leave_out_validation_time():
+    """Steps of 2 s with a 60 s validation after step 2: the rate stays 2 s/step."""
+    from app.worker import TrainingRate
+
+    rate = TrainingRate()
+    assert rate.update("train", 1, 0.0) is None
+    assert rate.update("train", 2, 2.0) == 2.0
+    rate.update("validate", 2, 62.0)  # reported when the samples are written
+    assert rate.update("train", 3, 64.0) == 2.0
+    rate.update("checkpoint", 3, 70.0)
+    assert rate.update("train", 5, 74.0) == 2.0
+
+
+def test_form_numbers_name_the_field_not_python():
+    from app.errors import form_number
+
+    assert form_number("7", "seed") == 7 and form_number(7.0, "seed") == 7 and form_number("2.5", "CFG", float) == 2.5
+    for bad in ("abc", "1.5", None, ""):
+        with pytest.raises(ValueError, match="seed: expected a whole number, got") as err:
+            form_number(bad, "seed")
+        assert "invalid literal" not in str(err.value)
+
+
+def test_user_errors_are_escaped_once_even_when_wrapped_again():
+    from app.errors import UserError
+
+    first = UserError("concept words 'x': expected words like <robot1> <robot2>")
+    expected = "concept words 'x': expected words like &lt;robot1&gt; &lt;robot2&gt;"
+    assert first.message == expected and UserError(first.message).message == expected

@@ -76,3 +76,24 @@ def test_pickled_and_non_pipeline_inputs_are_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="no model_index.json"):
         load_pipeline(str(tmp_path / "empty"))
+
+
+def test_check_base_model_refuses_what_cannot_load_without_loading(tmp_path, monkeypatch):
+    from mixofshow.models.loading import ModelLoadError, check_base_model
+
+    for fine in ("embedded", "toyworld"):
+        check_base_model(fine)
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    check_base_model(str(tmp_path / "pipe"))
+    with pytest.raises(ModelLoadError, match="no model_index.json"):
+        check_base_model(str(tmp_path))
+    with pytest.raises(ModelLoadError, match="no such file or folder"):
+        check_base_model(str(tmp_path / "missing.safetensors"))
+    (tmp_path / "old.ckpt").write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="expected a .safetensors"):
+        check_base_model(str(tmp_path / "old.ckpt"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache"):
+        check_base_model("nobody/no-such-model")

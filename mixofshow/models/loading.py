@@ -18,7 +18,7 @@ from mixofshow.models.embedded import build_embedded_pipeline
 from mixofshow.models.identity import EMBEDDED_ALIASES
 from mixofshow.models.pretrained import TOYWORLD_NAME, build_toyworld_pipeline
 
-__all__ = ["ModelLoadError", "load_pipeline", "is_offline", "resolve_dtype"]
+__all__ = ["ModelLoadError", "check_base_model", "load_pipeline", "is_offline", "resolve_dtype"]
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,33 @@ def load_pipeline(
         base_model,
         hub=True,
     )
+
+
+def check_base_model(base_model: str) -> None:
+    """Refuse, without loading anything, a base model that :func:`load_pipeline` could not find: a
+    missing file or folder, a folder that is not a pipeline, a pickle, or (offline) a hub id that
+    is not in the local cache. Raises :class:`ModelLoadError` with the same message a load gives."""
+    if base_model in EMBEDDED_ALIASES or base_model == TOYWORLD_NAME:
+        return
+    path = Path(base_model).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(f"{path}: not a diffusers pipeline folder (no model_index.json)")
+        return
+    if path.is_file():
+        if path.suffix not in _SINGLE_FILE_SUFFIXES:
+            raise ModelLoadError(f"{path}: expected a .safetensors checkpoint or a diffusers folder")
+        return
+    if _looks_like_path(base_model):
+        raise ModelLoadError(f"{base_model}: no such file or folder")
+    if is_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(base_model, "model_index.json"), str):
+            raise ModelLoadError(
+                f"Cannot load base model {base_model!r}: it is not in the local Hugging Face cache and "
+                "HF_HUB_OFFLINE is set; use embedded, toyworld, a local folder or a .safetensors file"
+            )
 
 
 def _looks_like_path(name: str) -> bool:

@@ -1,0 +1,101 @@
+"""The shipped toy world model: loads by name offline, matches its manifest, meets its floors on held-out data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mixofshow.models.pretrained import TOYWORLD_NAME, file_sha256, toyworld_manifest, toyworld_weights_dir
+from mixofshow.toyworld.data import Split
+from mixofshow.toyworld.floors import FLOORS
+from mixofshow.toyworld.world import scene
+
+
+def held_out(count: int, seed: int = 0) -> Split:
+    """The first ``count`` scenes of the ``test`` split (never trained on), rendered in memory."""
+    pairs = [scene("test", i, seed) for i in range(count)]
+    return Split(np.stack([p[0] for p in pairs]), [p[1] for p in pairs])
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from mixofshow.models.loading import load_pipeline
+
+    return load_pipeline(TOYWORLD_NAME, local_files_only=True)
+
+
+def test_loads_by_name_offline_with_stable_diffusion_classes(pipe):
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from mixofshow.models.identity import base_model_name
+
+    assert isinstance(pipe.unet, UNet2DConditionModel) and pipe.unet.config.cross_attention_dim == 128
+    assert isinstance(pipe.vae, AutoencoderKL) and isinstance(pipe.text_encoder, CLIPTextModel)
+    assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler)
+    assert pipe.tokenizer("a red cat").input_ids[1] == 736  # the real CLIP BPE ids ("a")
+    assert base_model_name(pipe) == TOYWORLD_NAME
+    assert pipe.vae.config.scaling_factor == toyworld_manifest()["vae_scaling_factor"]
+    image = pipe("a photo of a blue dog on the left, outdoor", num_inference_steps=4,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+
+
+def test_manifest_describes_every_shipped_file():
+    manifest = toyworld_manifest()
+    folder = toyworld_weights_dir()
+    names = {"vae", "text_encoder", "unet", "eval_clip", "judge"}
+    assert set(manifest["files"]) == {f"{n}.safetensors" for n in names}
+    for name, entry in manifest["files"].items():
+        assert file_sha256(folder / name) == entry["sha256"] and (folder / name).stat().st_size == entry["bytes"]
+    assert manifest["total_bytes"] == sum(e["bytes"] for e in manifest["files"].values()) <= 40e6
+    assert "mixofshow pretrain" in manifest["command"] and manifest["seed"] == 0
+
+
+def test_a_damaged_weights_file_is_refused(tmp_path):
+    import shutil
+
+    from mixofshow.models.pretrained import build_toyworld_pipeline
+
+    for path in toyworld_weights_dir().iterdir():
+        shutil.copy(path, tmp_path / path.name)
+    with open(tmp_path / "vae.safetensors", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\0\0\0\0")
+    with pytest.raises(ValueError, match=r"vae\.safetensors: sha256 differs from the manifest"):
+        build_toyworld_pipeline(folder=tmp_path)
+
+
+def test_vae_floor_on_held_out_scenes(pipe):
+    from mixofshow.toyworld.vae import psnr
+
+    x, _ = held_out(100).batch(np.arange(100))
+    with torch.no_grad():
+        assert psnr(pipe.vae, x) >= FLOORS["vae_psnr_test"]
+
+
+def test_evaluation_clip_floors_through_clip_toyworld():
+    """`--clip toyworld` loads the shipped evaluation CLIP; zero-shot on held-out renderings."""
+    from mixofshow.evaluate.clip import ClipSpec, load_clip
+    from mixofshow.toyworld.clips import towers, zero_shot
+
+    scorer = load_clip(ClipSpec(model="toyworld"), device="cpu")
+    assert "toyworld" in scorer.info["weights"]
+    with torch.no_grad():
+        accuracy = zero_shot(towers("clip-eval", scorer.model), held_out(400), limit=400)
+    for attribute, floor in FLOORS["clip_zero_shot"].items():
+        assert accuracy[attribute] >= floor, (attribute, accuracy)
+    # the scorer's own path (PIL images through open_clip's preprocessing, its tokenizer) gives the
+    # features the floors were measured with
+    from PIL import Image
+
+    split = held_out(4)
+    tw = towers("clip-eval", scorer.model)
+    x, scenes = split.batch(np.arange(4))
+    with torch.no_grad():
+        ours = tw.image(x)
+        theirs = scorer.image_features([Image.fromarray(im) for im in split.images])
+        assert torch.allclose(ours, theirs, atol=1e-5)
+        captions = ["A photo depicts " + s.caption for s in scenes]
+        assert torch.allclose(tw.text(captions), scorer.text_features(captions), atol=1e-5)
