@@ -272,7 +272,8 @@ def test_lbfgs_objective_is_never_below_the_closed_form(fusion):
             assert objective(lbfgs, s) >= objective(closed, s) - slack - rounding, key
 
 
-def test_fused_file_loads_on_the_base_model_and_samples_both_concepts(fusion, tmp_path, embedded_pipeline_factory):
+def test_fused_file_loads_on_the_base_model_and_samples_both_concepts(fusion, tmp_path, embedded_pipeline_factory,
+                                                                    capsys):
     from mixofshow.sample.load import load_adapter
     from mixofshow.sample.pipeline import SampleConfig, generate
 
@@ -293,6 +294,10 @@ def test_fused_file_loads_on_the_base_model_and_samples_both_concepts(fusion, tm
     dog = model.encoder.encode("photo of a <dog1> <dog2>")
     assert torch.allclose(cat, fusion.encoder.encode("photo of a <cat1> <cat2>"), atol=1e-5)
     assert not torch.allclose(cat, dog, atol=1e-3)
+    from mixofshow.cli import main
+
+    assert main(["export", str(path), "--format", "kohya", "--output", str(tmp_path / "k.safetensors")]) == 2
+    assert "a fused model (several concepts merged into the weights)" in capsys.readouterr().err
     prompts = ["photo of a <cat1> <cat2>", "photo of a <dog1> <dog2>"]
     config = SampleConfig(prompts, num_images=1, seed=0, steps=2, height=32, width=32, output_dir=tmp_path)
     samples = generate(pipe, model.encoder, config, progress=False)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from mixofshow.models.identity import CONCEPT_FORMAT
+from mixofshow.models.identity import CONCEPT_FORMAT, FUSED_FORMAT
 from mixofshow.utils.finite import check_finite
 from mixofshow.utils.io import FileFormatError, load_safetensors, save_safetensors
 from mixofshow.utils.io import dataclass_from_metadata, dataclass_to_metadata
@@ -91,6 +91,12 @@ def load_concept(path: str | os.PathLike) -> ConceptFile:
             f"{where}: a pickled checkpoint; convert it with `mixofshow import {where} OUT.safetensors`"
         )
     tensors, raw_meta = load_safetensors(path)
+    if raw_meta.get("format") == FUSED_FORMAT:
+        raise FileFormatError(
+            f"{where}: a fused model (several concepts merged into the weights), not one concept's file; "
+            f"sample it with `mixofshow sample --concept {where}`, or write it as a diffusers pipeline folder "
+            "with `mixofshow fuse CONFIG --diffusers-output DIR`; export takes one trained concept"
+        )
     meta = ConceptMeta.from_strings(raw_meta, where)
     check_finite(tensors, where, _SPOILED, FileFormatError)
     embeddings, downs, ups = {}, {}, {}
