@@ -1,9 +1,10 @@
 """Pre-training stage ``judge``: a small CNN that reads a one-object scene's ground truth.
 
-The second, CLIP-independent judge of the quality floors: trained with plain cross-entropy on
-renderings (never on generated images, never with a text encoder), it predicts the object's
-class, body colour and position and the background. ``JUDGE_ATTRIBUTES`` lists the heads in the
-order of :func:`labels`.
+The second, CLIP-independent judge of the quality floors: trained on renderings (never on
+generated images, never with a text encoder), it predicts the object's class, body colour and
+position and the background (cross-entropy), and the object's box (L1 on the box corners as
+fractions of the image), so that a look can be checked inside the object's box.
+``JUDGE_ATTRIBUTES`` lists the classification heads.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from mixofshow.toyworld.data import Split
 from mixofshow.toyworld.stage import StageConfig, batch_indices, run_stage
 from mixofshow.toyworld.world import BACKGROUND_NAMES, CLASS_NAMES, COLOURS, POSITIONS, Scene
 
-__all__ = ["JUDGE_STAGE", "JUDGE_ATTRIBUTES", "Judge", "labels", "judge_accuracy", "train_judge"]
+__all__ = ["JUDGE_STAGE", "JUDGE_ATTRIBUTES", "Judge", "box_iou", "labels", "judge_accuracy", "train_judge"]
 
 JUDGE_STAGE = StageConfig(steps=2000, batch=64, lr=2e-3, warmup=100, weight_decay=0.01, eval_every=500,
                           checkpoint_every=500)
@@ -40,18 +41,29 @@ class Judge(nn.Module):
                        nn.Conv2d(b, b, 3, padding=1), nn.GroupNorm(8, b), nn.SiLU()]
         self.features = nn.Sequential(*layers, nn.Flatten(), nn.Linear(chans[-1] * 16, 256), nn.SiLU())
         self.heads = nn.ModuleDict({k: nn.Linear(256, len(v)) for k, v in JUDGE_ATTRIBUTES.items()})
+        self.box = nn.Linear(256, 4)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Logits per attribute for images in [-1, 1] (B x 3 x 64 x 64)."""
+        """Logits per attribute, and ``"box"`` (x0, y0, x1, y1 as fractions), for images in [-1, 1]."""
         h = self.features(x)
-        return {k: head(h) for k, head in self.heads.items()}
+        return {**{k: head(h) for k, head in self.heads.items()}, "box": self.box(h)}
 
 
 def labels(scenes: list[Scene]) -> dict[str, torch.Tensor]:
     """Class indices of each attribute for one-object scenes."""
     rows = [{"class": s.objects[0].cls, "colour": s.objects[0].colour, "background": s.background,
              "position": s.objects[0].position} for s in scenes]
-    return {k: torch.tensor([v.index(r[k]) for r in rows]) for k, v in JUDGE_ATTRIBUTES.items()}
+    out = {k: torch.tensor([v.index(r[k]) for r in rows]) for k, v in JUDGE_ATTRIBUTES.items()}
+    out["box"] = torch.tensor([s.objects[0].box for s in scenes], dtype=torch.float32) / 64.0
+    return out
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of boxes (x0, y0, x1, y1), row by row."""
+    lo, hi = torch.maximum(a[:, :2], b[:, :2]), torch.minimum(a[:, 2:], b[:, 2:])
+    inter = (hi - lo).clamp_min(0).prod(1)
+    area = lambda t: (t[:, 2:] - t[:, :2]).clamp_min(0).prod(1)  # noqa: E731
+    return inter / (area(a) + area(b) - inter).clamp_min(1e-9)
 
 
 def _single(split: Split) -> np.ndarray:
@@ -64,7 +76,9 @@ def judge_accuracy(judge: Judge, split: Split, limit: int = 1000) -> dict[str, f
     x, scenes = split.batch(index)
     logits = judge(x.to(next(judge.parameters()).device))
     truth = labels(scenes)
-    return {k: float((logits[k].argmax(1).cpu() == truth[k]).float().mean()) for k in JUDGE_ATTRIBUTES}
+    out = {k: float((logits[k].argmax(1).cpu() == truth[k]).float().mean()) for k in JUDGE_ATTRIBUTES}
+    out["box_iou"] = float(box_iou(logits["box"].cpu(), truth["box"]).mean())
+    return out
 
 
 def train_judge(judge: Judge, train: Split, held_out: dict[str, Split], folder: Path, seed: int,
@@ -75,7 +89,8 @@ def train_judge(judge: Judge, train: Split, held_out: dict[str, Split], folder: 
     def loss(step: int) -> torch.Tensor:
         x, scenes = single.batch(batch_indices(len(single), cfg.batch, step, seed, "judge"), mirror=True)
         logits, truth = judge(x.to(device)), labels(scenes)
-        return sum(F.cross_entropy(logits[k], truth[k].to(device)) for k in JUDGE_ATTRIBUTES)
+        box = F.smooth_l1_loss(logits["box"], truth["box"].to(device), beta=0.05) * 5
+        return box + sum(F.cross_entropy(logits[k], truth[k].to(device)) for k in JUDGE_ATTRIBUTES)
 
     def evaluate() -> dict:
         return {name: judge_accuracy(judge, split) for name, split in held_out.items()}
