@@ -44,6 +44,8 @@ def add_parser(subparsers) -> None:
         help="the base model it was trained on (embedded, hub id, folder or .safetensors); "
         "its shapes are checked and its name is recorded",
     )
+    p.add_argument("--base-model-config", help="for a single-file base model of another architecture than "
+                   "SD 1.5: a diffusers folder with its configs (default: SD 1.5's, shipped)")
     p.add_argument(
         "--class-word",
         action="append",
@@ -97,7 +99,7 @@ def run_import(args) -> int:
     from mixofshow.models.loading import load_pipeline
 
     import_mixofshow_pth(args.pth)  # a bad file fails here, before the (slow) base-model load
-    pipe = load_pipeline(args.base_model)
+    pipe = load_pipeline(args.base_model, config=args.base_model_config)
     concept = import_mixofshow_pth(args.pth, pipe, base_model=args.base_model)
     if args.class_word:
         concept.meta.class_words = _class_words(args.class_word, concept.meta.words)

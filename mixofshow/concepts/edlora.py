@@ -112,6 +112,10 @@ class EDLoRA:
 
     def meta(self, **fields) -> ConceptMeta:
         cfg = self.lora_config or LoRAConfig()
+        single = {"base_model_sha256": self.pipe.config.get("_mixofshow_sha256"),  # a single file's content
+                  "base_model_config": self.pipe.config.get("_mixofshow_config")}  # and its config, if given
+        if any(single.values()):
+            fields["extra"] = {**fields.get("extra", {}), **{k: v for k, v in single.items() if v}}
         return ConceptMeta(
             base_model=base_model_name(self.pipe),
             rank=cfg.rank,

@@ -16,7 +16,7 @@ from diffusers import StableDiffusionPipeline
 
 from mixofshow.models.embedded import build_embedded_pipeline
 from mixofshow.models.identity import EMBEDDED_ALIASES
-from mixofshow.models.pretrained import TOYWORLD_NAME, build_toyworld_pipeline
+from mixofshow.models.pretrained import TOYWORLD_NAME, build_toyworld_pipeline, file_sha256
 
 __all__ = ["ModelLoadError", "check_base_model", "load_pipeline", "is_offline", "resolve_dtype"]
 
@@ -57,8 +57,8 @@ def load_pipeline(
         base_model: what to load (see above).
         dtype: weights dtype.
         config: for a single file, a local diffusers folder (or cached hub id) whose configs
-            describe the architecture; without it diffusers infers SD 1.x and needs that config
-            in the local hub cache when offline.
+            describe the architecture; without it, the SD 1.5 configs shipped in the package
+            (offline).
         local_files_only: never use the network; defaults to ``HF_HUB_OFFLINE``.
     """
     dtype = resolve_dtype(dtype)
@@ -84,10 +84,7 @@ def load_pipeline(
             )
         if path.suffix not in _SINGLE_FILE_SUFFIXES:
             raise ModelLoadError(f"{path}: expected a .safetensors checkpoint or a diffusers folder")
-        kwargs = dict(common, local_files_only=offline)
-        if config is not None:
-            kwargs["config"] = config
-        return _wrap(lambda: StableDiffusionPipeline.from_single_file(str(path), **kwargs), path)
+        return _single_file(path, config, dtype, offline, common)
     if _looks_like_path(base_model):
         raise ModelLoadError(f"{base_model}: no such file or folder")
     return _wrap(
@@ -95,6 +92,31 @@ def load_pipeline(
         base_model,
         hub=True,
     )
+
+
+def _single_file(path: Path, config: str | None, dtype, offline: bool, common: dict) -> StableDiffusionPipeline:
+    """An original-layout SD 1.x file, configured by ``config`` (a diffusers folder or cached hub
+    id) or, by default, by the SD 1.5 configs that ship in the package: no network either way.
+
+    The pipeline's name is the file's resolved path and its sha256 is recorded beside it, so a
+    concept trained on it names the file it needs (``mixofshow.models.identity``).
+    """
+    import tempfile
+
+    from mixofshow.models.single_file import config_folder
+
+    with tempfile.TemporaryDirectory(prefix="mixofshow-config-") as tmp:
+        if config is None:
+            folder = config_folder("sd15", tmp)
+            config_name = "the SD 1.5 configs shipped in mixofshow/models/sd15 (another architecture: --base-model-config)"
+        else:
+            folder, config_name = config, f"--base-model-config {config}"
+        kwargs = dict(common, local_files_only=True if config is None else offline, config=str(folder))
+        pipe = _wrap(lambda: StableDiffusionPipeline.from_single_file(str(path), **kwargs), path,
+                     hint=f"The file is not a Stable Diffusion 1.x checkpoint that fits {config_name}")
+    pipe.register_to_config(_name_or_path=str(path.resolve()), _mixofshow_sha256=file_sha256(path),
+                            _mixofshow_config=None if config is None else str(config))
+    return pipe
 
 
 def check_base_model(base_model: str) -> None:
@@ -129,12 +151,14 @@ def _looks_like_path(name: str) -> bool:
         or name.count("/") != 1 or os.sep in name and name.count(os.sep) > 1
 
 
-def _wrap(load, what, hub: bool = False) -> StableDiffusionPipeline:
+def _wrap(load, what, hub: bool = False, hint: str | None = None) -> StableDiffusionPipeline:
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
     try:
         return load()
     except ModelLoadError:
         raise
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError, EnvironmentError, SingleFileComponentError, KeyError, RuntimeError) as err:
         if hub:
             hint = (
                 f"It is not in the local Hugging Face cache and "
@@ -142,6 +166,7 @@ def _wrap(load, what, hub: bool = False) -> StableDiffusionPipeline:
                 f"Download it first (`hf download {what}`) on a machine with network access, "
                 "or point base_model at a local diffusers folder or .safetensors file."
             )
-        else:
-            hint = "The file or folder exists but could not be read as a Stable Diffusion 1.x model."
-        raise ModelLoadError(f"Cannot load base model {what!r}: {hint} ({type(err).__name__}: {err})") from None
+        elif hint is None:
+            hint = "The folder is not a Stable Diffusion 1.x pipeline that diffusers can load"
+        cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"Cannot load base model {what}: {hint} ({cause[:300]})") from None

@@ -52,6 +52,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--condition", nargs="+", action="append", default=[], metavar="ADAPTER IMAGE [WEIGHT]",
                    help="T2I-Adapter condition: adapter folder or hub id, control image, weight (repeatable)")
     p.add_argument("--base-model", help="base model (default: the one recorded in the concept file)")
+    p.add_argument("--base-model-config", help="for a single-file base model of another architecture than SD 1.5: "
+                   "a diffusers folder with its configs (default: the one recorded in the concept file, else SD 1.5's)")
     p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (default 4)")
     p.add_argument("--output-dir", help="where to write images (default: samples/<concept name>)")
     p.add_argument("--no-grids", action="store_true", help="do not write contact sheets")
@@ -102,6 +104,20 @@ def _base_model(args, concept: Path | None) -> str:
     return base_model
 
 
+def _base_model_config(args, concept: Path | None) -> str | None:
+    import json
+
+    from mixofshow.sample.load import adapter_metadata
+
+    if args.base_model_config or concept is None:
+        return args.base_model_config
+    meta, _ = adapter_metadata(concept)
+    try:
+        return json.loads(meta.get("extra", "{}")).get("base_model_config")
+    except (ValueError, AttributeError):
+        return None
+
+
 def run(args) -> int:
     from mixofshow.utils.paths import check_output_dir
 
@@ -150,7 +166,7 @@ def run(args) -> int:
     dtype = resolve_dtype(
         args.dtype if args.dtype != "auto" else ("fp16" if device.type == "cuda" else "fp32")
     )
-    pipe = load_pipeline(base_model, dtype=dtype)
+    pipe = load_pipeline(base_model, dtype=dtype, config=_base_model_config(args, concept))
     model = load_adapter(pipe, concept, lora_scale=args.lora_scale) if concept else load_base(pipe)
     pipe.to(device)  # after loading: the concept's tensors are created on the CPU
     images = generate(pipe, model.encoder, config, progress=not args.no_progress)
