@@ -133,3 +133,17 @@ def test_pretrain_rejects_bad_arguments(capsys):
 
     assert main(["pretrain", "--max-minutes", "0"]) == 2
     assert "--max-minutes" in capsys.readouterr().err
+
+
+def test_class_twins_differ_in_the_class_word_only_and_keep_the_held_out_rules():
+    from mixofshow.toyworld.world import class_twin
+
+    rng = random.Random(0)
+    for i in range(200):
+        _, s = scene("train", i)
+        _, twin = class_twin(s, rng)
+        a, b = s.objects[0], twin.objects[0]
+        assert b.cls != a.cls and (b.colour, b.position, twin.background) == (a.colour, a.position, s.background)
+        assert [o.cls for o in twin.objects[1:]] == [o.cls for o in s.objects[1:]]
+        assert twin.caption == s.caption.replace(f" {a.cls}", f" {b.cls}")
+        assert CONCEPT_LOOKS.get(b.cls) != b.colour and (b.cls, b.colour, twin.background) not in HELD_OUT_TRIPLES

@@ -11,13 +11,17 @@ As Stable Diffusion is conditioned by one CLIP's text tower (ViT-L/14) and judge
   captions are prefixed with CLIP-T's ``"A photo depicts "`` half of the time.
 
 Each batch holds scenes and their mirror images (positions swapped in the caption): hard
-negatives that teach left from right. Identical captions in a batch are all positives.
+negatives that teach left from right. ``clip-eval``'s batches also hold each scene's class twin
+(``world.class_twin``: the same background, colour and position with another class), which
+teaches class, the attribute a small CLIP learns last. Identical captions in a batch are all
+positives.
 Evaluation: zero-shot accuracy per attribute on one-object scenes of the held-out splits, choosing
 among captions that differ from the truth in that attribute only.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +33,7 @@ from torch import nn
 
 from mixofshow.toyworld.data import Split
 from mixofshow.toyworld.stage import StageConfig, batch_indices, run_stage, step_generator
-from mixofshow.toyworld.world import attribute_variants
+from mixofshow.toyworld.world import attribute_variants, class_twin
 
 __all__ = ["CLIP_STAGES", "TEXT_PREFIX", "Towers", "towers", "train_clip", "zero_shot"]
 
@@ -125,7 +129,14 @@ def train_clip(part: str, module: nn.Module, train: Split, held_out: dict[str, S
     tw = towers(part, module)
 
     def loss(step: int) -> torch.Tensor:
-        x, scenes = train.batch(batch_indices(len(train), cfg.batch, step, seed, part), mirror=True)
+        if part == "clip-eval":  # half the batch: scenes and their class twins, each with its mirror
+            index = batch_indices(len(train), cfg.batch // 2, step, seed, part)
+            twins = [class_twin(train.scenes[i], random.Random(f"twin/{seed}/{step}/{k}")) for k, i in enumerate(index)]
+            both = Split(np.concatenate([train.images[index], np.stack([t[0] for t in twins])]),
+                         [train.scenes[i] for i in index] + [t[1] for t in twins])
+            x, scenes = both.batch(np.arange(len(both)), mirror=True)
+        else:
+            x, scenes = train.batch(batch_indices(len(train), cfg.batch, step, seed, part), mirror=True)
         captions = [s.caption for s in scenes]
         if part == "clip-eval":
             coin = torch.rand(len(captions), generator=step_generator(seed, part, step))

@@ -40,6 +40,7 @@ __all__ = [
     "caption_of",
     "mirrored",
     "attribute_variants",
+    "class_twin",
     "sample_layout",
     "render",
     "scene",
@@ -176,6 +177,19 @@ def mirrored(s: Scene, size: int) -> Scene:
     objs = tuple(WorldObject(o.cls, o.colour, _MIRROR[o.position], (size - o.box[2], o.box[1], size - o.box[0], o.box[3]))
                  for o in s.objects)
     return Scene(s.background, objs, caption_of(s.background, objs))
+
+
+def class_twin(s: Scene, rng: random.Random, size: int = 64) -> tuple[np.ndarray, Scene]:
+    """``s``'s layout (background, colours, positions) drawn again with the first object of another
+    class: a hard negative that differs from ``s``'s caption in the class word only. The new class
+    respects the held-out looks and triples."""
+    first, rest = s.objects[0], list(s.objects[1:])
+    taken = {o.cls for o in s.objects}
+    choices = [c for c in CLASS_NAMES if c not in taken and first.colour in allowed_colours(c)
+               and (c, first.colour, s.background) not in HELD_OUT_TRIPLES]
+    objects = [WorldObject(rng.choice(choices), first.colour, first.position)]
+    objects += [WorldObject(o.cls, o.colour, o.position) for o in rest]
+    return render(s.background, objects, size, rng)
 
 
 def attribute_variants(s: Scene) -> dict[str, tuple[list[str], int]]:
