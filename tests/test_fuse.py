@@ -323,6 +323,21 @@ def test_diffusers_folder_export_round_trip(fusion, tmp_path):
     assert torch.allclose(model.encoder.encode(prompt), fusion.encoder.encode(prompt), atol=1e-5)
     key = next(k for k in fused.deltas if k.startswith("unet."))
     assert torch.allclose(_module(pipe, key).weight, fusion.modules[key].weight)
+    # the text encoder's weights carry the names transformers 4.x (kohya's sd-scripts) looks for:
+    # "text_model." + the module path, every one of them, so none is initialised at random there
+    from safetensors import safe_open
+
+    with safe_open(folder / "text_encoder" / "model.safetensors", "pt") as f:
+        saved = set(f.keys())
+    expected = {"text_model." + k.removeprefix("text_model.") for k in pipe.text_encoder.state_dict()}
+    assert saved == expected
+    # and the folder converts to one original-layout file that loads back with the folder's configs
+    from mixofshow.models.single_file import save_single_file
+
+    single = save_single_file(pipe, tmp_path / "fused.safetensors", torch.float32)
+    again = load_pipeline(str(single), config=str(folder))
+    again_model = attach_exported(again, folder)
+    assert torch.allclose(again_model.encoder.encode(prompt), fusion.encoder.encode(prompt), atol=1e-5)
 
 
 # -- config, CLI and errors -------------------------------------------------------------------

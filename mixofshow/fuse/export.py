@@ -36,7 +36,7 @@ from mixofshow.fuse.io import FusedMeta, FusedModel
 from mixofshow.utils.io import FileFormatError
 from mixofshow.utils.paths import current_umask
 
-__all__ = ["EXPORT_INFO", "export_diffusers", "attach_exported"]
+__all__ = ["EXPORT_INFO", "export_diffusers", "attach_exported", "prefix_text_encoder_keys"]
 
 EXPORT_INFO = "mixofshow_fused.json"
 
@@ -62,10 +62,17 @@ def export_diffusers(pipe, folder: str | os.PathLike, meta: FusedMeta) -> Path:
 
 
 def _save_materialised(pipe, target: Path) -> None:
+    """``pipe.save_pretrained`` with the text encoder's weights named as every transformers reads them.
+
+    transformers 5 writes ``CLIPTextModel`` keys without the ``text_model.`` prefix; transformers 4
+    (what kohya's sd-scripts and many tools pin) then finds none of them and initialises the whole
+    encoder at random with only a warning. Both versions read the prefixed names.
+    """
     encoder = pipe.text_encoder
     emb = encoder.get_input_embeddings()
     if not isinstance(emb, ConceptTokenEmbedding):
         pipe.save_pretrained(target)
+        prefix_text_encoder_keys(target / "text_encoder")
         return
     total = emb.num_base + emb.new.shape[0]
     if len(pipe.tokenizer) != total:
@@ -81,9 +88,27 @@ def _save_materialised(pipe, target: Path) -> None:
         encoder.set_input_embeddings(table)
         encoder.config.vocab_size = total
         pipe.save_pretrained(target)
+        prefix_text_encoder_keys(target / "text_encoder")
     finally:
         encoder.set_input_embeddings(emb)  # back to the frozen table + concept rows
         encoder.config.vocab_size = vocab_size
+
+
+def prefix_text_encoder_keys(folder: Path) -> None:
+    """Rename a saved ``CLIPTextModel``'s weights to ``text_model.*`` (shards and index too)."""
+    from safetensors.torch import load_file, save_file
+
+    def named(key: str) -> str:
+        return key if key.startswith("text_model.") or key == "text_projection.weight" else "text_model." + key
+
+    for path in folder.glob("*.safetensors"):
+        tensors = load_file(path)
+        save_file({named(k): v for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {named(k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2))
 
 
 def _replace_dir(tmp: Path, folder: Path) -> None:
