@@ -43,4 +43,11 @@ def test_validation_writes_a_grid_per_step(tmp_path):
         files = [e["file"] for e in json.loads((step / scale / "index.json").read_text())["images"]]
         rows.append([Image.open(step / scale / f).convert("RGB") for f in files])
     assert [len(r) for r in rows] == [2, 2]
-    assert Image.open(step / "grid.png").convert("RGB").tobytes() == image_grid(rows).tobytes()
+    from mixofshow.train.validation import validation_labels
+
+    labels = validation_labels(config)
+    assert labels == {"row_labels": ["LoRA 0", "LoRA 1"],
+                      "col_labels": ["seed 0: a photo of <robot1> <robot2>", "seed 1: a photo of <robot1> <robot2>"]}
+    grid = Image.open(step / "grid.png").convert("RGB")
+    assert grid.tobytes() == image_grid(rows, **labels).tobytes()
+    assert grid.width > image_grid(rows).width and grid.height > image_grid(rows).height  # room for the labels

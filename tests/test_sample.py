@@ -249,3 +249,29 @@ def test_cli_sample_missing_concept_exits_2(tmp_path, capsys):
 
     assert main(["sample", "--concept", str(tmp_path / "nope.safetensors"), "--prompt", "x"]) == 2
     assert "nope.safetensors" in capsys.readouterr().err
+
+
+def test_the_progress_bar_moves_every_denoising_step(loaded, monkeypatch):
+    """A batch of 4 images over 3 steps: 3 moves of 4/3 image each, not one jump of 4 at the end."""
+    import mixofshow.sample.pipeline as pipeline_module
+
+    moves = []
+
+    class Bar:
+        def __init__(self, total, initial, **_):
+            self.n = initial
+
+        def update(self, value):
+            moves.append(value)
+
+        def refresh(self):
+            moves.append(("at", self.n))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(pipeline_module, "tqdm", Bar)
+    pipe, adapter = loaded
+    config = SampleConfig(PROMPTS[:1], num_images=4, batch_size=4, **{**FAST, "steps": 3})
+    generate(pipe, adapter.encoder, config, progress=True)
+    assert moves == [pytest.approx(4 / 3)] * 3 + [("at", 4)]

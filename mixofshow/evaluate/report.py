@@ -163,27 +163,15 @@ def plot_scores(summary: list[dict[str, Any]], path: Path) -> None:
 
 def image_grid(rows: list[tuple[str, list[Path | None]]], prompts: list[str], path: Path, cell: int = 128) -> None:
     """Rows of images (optimizer x prompt) with labels; a missing image is a grey cell."""
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
-    label_w, head_h = 110, 34
-    grid = Image.new("RGB", (label_w + cell * len(prompts), head_h + cell * len(rows)), "white")
-    draw = ImageDraw.Draw(grid)
-    for j, prompt in enumerate(prompts):
-        text = prompt if len(prompt) <= 40 else prompt[:37] + "..."
-        words, line1 = text.split(), ""
-        while words and len(line1 + words[0]) < cell // 6:
-            line1 += words.pop(0) + " "
-        draw.text((label_w + j * cell + 3, 3), line1.strip(), fill="black")
-        draw.text((label_w + j * cell + 3, 17), " ".join(words)[: cell // 6], fill="black")
-    for i, (name, images) in enumerate(rows):
-        draw.text((4, head_h + i * cell + cell // 2 - 6), name, fill="black")
-        for j, image_path in enumerate(images):
-            box = (label_w + j * cell, head_h + i * cell)
-            if image_path is None:
-                grid.paste(Image.new("RGB", (cell, cell), (200, 200, 200)), box)
-                continue
-            with Image.open(image_path) as img:
-                grid.paste(img.convert("RGB").resize((cell, cell)), box)
-    buf = io.BytesIO()
-    grid.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    from mixofshow.sample.grid import save_grid
+
+    def cell_image(image_path: Path | None) -> Image.Image:
+        if image_path is None:
+            return Image.new("RGB", (cell, cell), (200, 200, 200))
+        with Image.open(image_path) as img:
+            return img.convert("RGB").resize((cell, cell))
+
+    save_grid(path, [[cell_image(p) for p in images] for _, images in rows],
+              row_labels=[name for name, _ in rows], col_labels=prompts)

@@ -10,7 +10,7 @@ encoded layer-wise in one text-encoder call; (2) the region contexts and coverag
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -75,10 +75,12 @@ def denoise_batch(
     height: int,
     width: int,
     output_type: str = "pil",
+    on_step: Callable[[], None] | None = None,
 ) -> Any:
     """PIL images of ``prompts`` (one each), image i drawn with its own CPU generator seeded ``seeds[i]``.
 
-    ``output_type="latent"`` returns the final latents instead (used by the tests)."""
+    ``output_type="latent"`` returns the final latents instead (used by the tests); ``on_step`` is
+    called after every denoising step (progress bars move per step, not per batch)."""
     use_cfg = guidance_scale > 1.0
     batch = len(prompts)
     # 1. one text-encoder call for every prompt of the batch
@@ -90,7 +92,16 @@ def denoise_batch(
     negative_embeds = lookup[settings.negative_prompt].expand(batch, -1, -1) if use_cfg else None
     factor = pipe.vae_scale_factor
     maps = region_maps(settings.regions, height, width) if settings.regions else None
-    kwargs: dict[str, Any] = {}
+    state = None
+
+    def on_step_end(_pipe, i, _t, _tensors):
+        if state is not None:
+            state.active = in_range(i + 1)
+        if on_step is not None:
+            on_step()
+        return {}
+
+    kwargs: dict[str, Any] = {"callback_on_step_end": on_step_end} if (settings.regions or on_step) else {}
     with contextlib.ExitStack() as stack:
         # 2. regional cross-attention, on for the steps in [start, end) * steps
         if settings.regions:
@@ -98,12 +109,6 @@ def denoise_batch(
             start, end = settings.region_steps
             in_range = lambda i: start * steps <= i < end * steps  # noqa: E731
             state.active = in_range(0)
-
-            def on_step_end(_pipe, i, _t, _tensors):
-                state.active = in_range(i + 1)
-                return {}
-
-            kwargs["callback_on_step_end"] = on_step_end
             stack.enter_context(regional_attention(pipe.unet, state))
         # 3. T2I-Adapter residuals, the same at every step
         if settings.conditions:

@@ -320,16 +320,19 @@ def iter_samples(
                 settings = BatchSettings(spec.negative_prompt, spec.regions, spec.conditions,
                                          config.region_strength, config.region_steps)
                 # 4. encode, denoise and decode the batch (diffusers' own loop)
+                share = len(batch) / max(1, config.steps)  # the bar moves per denoising step
                 images = denoise_batch(
                     pipe, encoder, [jobs[n][1].prompt for n in batch], [jobs[n][2]["seed"] for n in batch],
                     settings, config.steps, config.guidance_scale, height, width,
+                    on_step=lambda: bar.update(share),
                 )
+                bar.n = len(done) + len(batch)  # whole images, without the steps' rounding
+                bar.refresh()
                 for n, image in zip(batch, images):
                     _, _, params, path = jobs[n]
                     if path is not None:  # 5. write the image at once: a killed run keeps it
                         atomic_write_bytes(path, png_bytes(image, params))
                     done.add(n)
-                    bar.update(1)
                     yield SampledImage(image=image, params=params, path=path)
                 if out_dir is not None:  # 6. grids of finished prompts, then the index
                     write_grids(out_dir, jobs, done, grids, config.grids)

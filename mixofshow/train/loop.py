@@ -156,7 +156,7 @@ def _run(setup: Setup, state: RunState, folder: RunFolder, progress, should_stop
     main = accelerator.is_main_process  # the only process that writes (and validates)
 
     def validate(step: int) -> Path | None:
-        path = run_validation(model, config, step, accelerator.device) if main else None
+        path = run_validation(model, config, step, accelerator.device, progress=main) if main else None
         accelerator.wait_for_everyone()
         return path
 

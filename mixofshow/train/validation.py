@@ -2,7 +2,7 @@
 
 ``samples/step_N/scale_S/`` holds the PNGs (with ``index.json``) of each scale and
 ``samples/step_N/grid.png`` all of them at once: one row per scale (in ``validation.lora_scales``
-order), one column per image (prompt by prompt, seeds ``seed..seed+num_images-1``).
+order), one column per image (prompt by prompt, seeds ``seed..seed+num_images-1``), labelled.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from mixofshow.data import load_prompt_list
 from mixofshow.models.identity import sampling_state
 from mixofshow.train.config import TrainConfig
 
-__all__ = ["validation_prompts", "validation_folder", "run_validation"]
+__all__ = ["validation_prompts", "validation_folder", "validation_labels", "run_validation"]
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +35,17 @@ def validation_folder(config: TrainConfig, step: int) -> Path:
     return Path(config.output_dir) / "samples" / f"step_{step:06d}"
 
 
+def validation_labels(config: TrainConfig) -> dict[str, list[str]]:
+    """The grid's labels: a row per LoRA scale, a column per (prompt, seed)."""
+    v = config.validation
+    columns = [f"seed {v.seed + k}: {p}" for p in validation_prompts(config) for k in range(v.num_images)]
+    return {"row_labels": [f"LoRA {s:g}" for s in v.lora_scales], "col_labels": columns}
+
+
 @torch.no_grad()
-def run_validation(model: EDLoRA, config: TrainConfig, step: int, device) -> Path | None:
-    """Sample the validation prompts at every configured LoRA scale into ``samples/step_N``."""
+def run_validation(model: EDLoRA, config: TrainConfig, step: int, device, progress: bool = False) -> Path | None:
+    """Sample the validation prompts at every configured LoRA scale into ``samples/step_N``
+    (``progress``: a bar per scale that moves every denoising step)."""
     from mixofshow.sample.grid import save_grid
     from mixofshow.sample.pipeline import SampleConfig, generate
 
@@ -59,8 +67,8 @@ def run_validation(model: EDLoRA, config: TrainConfig, step: int, device) -> Pat
                 lora_scale=scale,
                 output_dir=str(folder / f"scale_{scale:g}"),
             )
-            rows.append([s.image for s in generate(model.pipe, model.encoder, sample_cfg, progress=False)])
+            rows.append([s.image for s in generate(model.pipe, model.encoder, sample_cfg, progress=progress)])
     if rows:
-        save_grid(folder / "grid.png", rows)
+        save_grid(folder / "grid.png", rows, **validation_labels(config))
     log.info("validation samples of step %d in %s (grid.png: one row per LoRA scale)", step, folder)
     return folder
