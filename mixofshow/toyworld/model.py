@@ -86,9 +86,12 @@ def load_trained(work: Path, name: str, partial: bool = False) -> nn.Module:
     if use_checkpoint:
         tensors, _ = load_safetensors(checkpoint)
         state = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
-        if name == "text_encoder":
+        if name == "text_encoder":  # the CLIPModel's text tower
             state = {k[len("text_model."):]: v for k, v in state.items() if k.startswith("text_model.")}
         module.load_state_dict(state)
+    elif name == "text_encoder":  # either layout: transformers 5's names, or text_model.* (4.x, pre-fix runs)
+        tensors, _ = load_safetensors(path)
+        module.load_state_dict({k.removeprefix("text_model."): v.float() for k, v in tensors.items()})
     else:
         load_part(path, module)
     if name == "vae":

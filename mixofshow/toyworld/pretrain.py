@@ -47,27 +47,30 @@ def run_stage(stage: str, work: Path, seed: int, device, max_minutes: float | No
     """Run (or continue) one stage; returns its metrics."""
     from mixofshow.toyworld import model
     from mixofshow.toyworld.data import load_split, render_split
+    from mixofshow.utils.io import atomic_write_text
 
     data = work / "data"
     if stage == "render":
         for split, count in SPLIT_SIZES.items():
             render_split(data, split, count, seed, IMAGE_SIZE)
         return {"done": True}
-    if stage != "export":
-        from mixofshow.toyworld.stage import read_metrics
+    from mixofshow.toyworld.stage import read_metrics
 
+    if stage != "export":
         previous = read_metrics(work / stage)
-        if previous.get("done"):
+        if previous.get("done") and (stage != "vae" or "scaling_factor" in previous):
             log.info("pretrain: stage %s is done (%s/metrics.json)", stage, work / stage)
             return previous
     train, val = load_split(data, "train"), load_split(data, "val")
     if stage == "vae":
-        from mixofshow.toyworld.vae import train_vae
+        from mixofshow.toyworld.vae import scaling_factor, train_vae
 
         vae = model.build("vae").to(device)
         metrics = train_vae(vae, train, val, work / "vae", seed, max_minutes=max_minutes)
         if metrics.get("done"):
             model.save_part(work / "vae" / "final", "vae", vae)
+            metrics["scaling_factor"] = scaling_factor(vae, train)  # stored with the stage's metrics
+            atomic_write_text(work / "vae" / "metrics.json", json.dumps(metrics, indent=1))
         return metrics
     if stage in ("clip-cond", "clip-eval"):
         from mixofshow.toyworld.clips import train_clip

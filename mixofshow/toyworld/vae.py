@@ -17,7 +17,7 @@ from diffusers import AutoencoderKL
 from mixofshow.toyworld.data import Split
 from mixofshow.toyworld.stage import StageConfig, batch_indices, run_stage, step_generator
 
-__all__ = ["VAE_STAGE", "train_vae", "psnr", "latent_std"]
+__all__ = ["VAE_STAGE", "train_vae", "psnr", "latent_std", "scaling_factor"]
 
 VAE_STAGE = StageConfig(steps=3000, batch=16, lr=1e-3, warmup=200, eval_every=500, checkpoint_every=250)
 KL_WEIGHT, L1_WEIGHT = 1e-6, 0.05
@@ -56,9 +56,10 @@ def train_vae(vae: AutoencoderKL, train: Split, val: Split, folder: Path, seed: 
         kl = post.kl().mean() / post.mean[0].numel()
         return (rec - x).pow(2).mean() + L1_WEIGHT * (rec - x).abs().mean() + KL_WEIGHT * kl
 
-    metrics = run_stage("vae", folder, vae, cfg, loss, lambda: {"psnr_val": psnr(vae, val_x)}, max_minutes=max_minutes)
-    if metrics.get("done"):
-        train_x, _ = train.batch(torch.arange(min(len(train), 1024)).numpy())
-        vae.register_to_config(scaling_factor=round(1.0 / latent_std(vae, train_x), 5))
-        metrics["scaling_factor"] = vae.config.scaling_factor
-    return metrics
+    return run_stage("vae", folder, vae, cfg, loss, lambda: {"psnr_val": psnr(vae, val_x)}, max_minutes=max_minutes)
+
+
+def scaling_factor(vae: AutoencoderKL, train: Split) -> float:
+    """1 / std of the latents of the first 1,024 training scenes (as SD's 0.18215 was chosen)."""
+    train_x, _ = train.batch(torch.arange(min(len(train), 1024)).numpy())
+    return round(1.0 / latent_std(vae, train_x), 5)
