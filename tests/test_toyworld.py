@@ -149,3 +149,19 @@ def test_class_twins_differ_in_the_class_word_only_and_keep_the_held_out_rules()
         assert [o.cls for o in twin.objects[1:]] == [o.cls for o in s.objects[1:]]
         assert twin.caption == s.caption.replace(f" {a.cls}", f" {b.cls}")
         assert CONCEPT_LOOKS.get(b.cls) != b.colour and (b.cls, b.colour, twin.background) not in HELD_OUT_TRIPLES
+
+
+def test_unet_latents_are_cached_for_the_same_vae_only(tmp_path):
+    from mixofshow.toyworld import model
+    from mixofshow.toyworld.unet import cached_latents
+
+    render_split(tmp_path / "data", "train", 6, seed=0)
+    train = load_split(tmp_path / "data", "train")
+    vae, path = model.build("vae"), tmp_path / "latents.safetensors"
+    first = cached_latents(vae, train, path)
+    assert first.shape == (12, 4, 16, 16)  # the scenes, then their mirrors
+    stamp = path.stat().st_mtime_ns
+    assert torch.equal(cached_latents(vae, train, path), first) and path.stat().st_mtime_ns == stamp
+    with torch.no_grad():
+        next(vae.parameters()).add_(0.1)  # another VAE: encoded again
+    assert not torch.equal(cached_latents(vae, train, path), first)

@@ -26,7 +26,7 @@ from mixofshow.models.tokenizer import clip_bpe_tokenizer
 from mixofshow.toyworld.data import Split
 from mixofshow.toyworld.stage import StageConfig, batch_indices, run_stage, step_generator
 
-__all__ = ["UNET_STAGE", "encode_latents", "TextStates", "train_unet"]
+__all__ = ["UNET_STAGE", "cached_latents", "encode_latents", "TextStates", "train_unet"]
 
 UNET_STAGE = StageConfig(steps=20000, batch=32, lr=5e-4, warmup=500, weight_decay=0.01, ema=0.9995,
                          eval_every=1000, checkpoint_every=250)
@@ -44,6 +44,26 @@ def encode_latents(vae: AutoencoderKL, split: Split, mirror: bool, batch: int = 
             x = x.flip(-1) if flip else x
             out.append(vae.encode(x.to(vae.device)).latent_dist.mode() * vae.config.scaling_factor)
     return torch.cat(out)
+
+
+def cached_latents(vae: AutoencoderKL, train: Split, path: Path) -> torch.Tensor:
+    """:func:`encode_latents` of ``train`` and its mirrors, kept in ``path`` for the next resume
+    (minutes of encoding on a CPU); recomputed when the VAE or the split changed."""
+    from mixofshow.utils.io import load_safetensors, save_safetensors
+
+    import hashlib
+
+    digest = hashlib.sha256()
+    for tensor in vae.state_dict().values():
+        digest.update(tensor.detach().cpu().numpy().tobytes())
+    key = {"scenes": str(len(train)), "vae_sha256": digest.hexdigest(), "scaling_factor": str(vae.config.scaling_factor)}
+    if path.is_file():
+        tensors, meta = load_safetensors(path)
+        if all(meta.get(k) == v for k, v in key.items()):
+            return tensors["latents"]
+    latents = encode_latents(vae, train, mirror=True)
+    save_safetensors(path, {"latents": latents}, key)
+    return latents
 
 
 class TextStates:
@@ -65,7 +85,7 @@ def train_unet(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLI
     device = unet.device
     sched = DDPMScheduler.from_config(preset_config("toyworld", "scheduler"))
     text = TextStates(text_encoder)
-    latents = encode_latents(vae.eval(), train, mirror=True)
+    latents = cached_latents(vae.eval(), train, folder / "latents.safetensors")
     n = len(train)
     captions = [s.caption for s in train.scenes]
     mirrored_captions = [s.caption for s in train.batch(np.arange(n), mirror=True)[1][n:]]
