@@ -28,7 +28,7 @@ from app.errors import UserError, form_number
 from app.runs import concept_files
 from app.uploads import UploadError, save_condition_upload
 
-__all__ = ["build_sample_tab", "parse_regions", "region_preview"]
+__all__ = ["default_prompt", "build_sample_tab", "parse_regions", "region_preview"]
 
 _COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4"]
 
@@ -90,6 +90,23 @@ def _gallery(run_dir: Path) -> list[tuple[str, str]]:
     return out
 
 
+def default_prompt(path: str | None) -> str | None:
+    """``a photo of <w1> <w2>`` with a concept file's words (every concept's, for a fused model)."""
+    if not path:
+        return None
+    from mixofshow.sample.load import adapter_metadata
+
+    try:
+        meta, _ = adapter_metadata(path)
+        if "concepts" in meta:  # a fused model
+            groups = [" ".join(c["words"]) for c in json.loads(meta["concepts"])]
+        else:
+            groups = [" ".join(json.loads(meta["words"]))]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return "a photo of " + " and ".join(g for g in groups if g)
+
+
 def build_sample_tab(ctx: AppContext):
     from mixofshow.sample.pipeline import SCHEDULERS
 
@@ -104,6 +121,9 @@ def build_sample_tab(ctx: AppContext):
                 seed = gr.Number(0, label="First seed", precision=0)
                 count = gr.Number(2, label="Images per prompt (seeds S..S+N-1)", precision=0)
                 steps = gr.Number(20, label="Steps", precision=0)
+            with gr.Row():
+                width = gr.Number(0, label="Width (0: the base model's size)", precision=0)
+                height = gr.Number(0, label="Height (0: the base model's size)", precision=0)
             with gr.Row():
                 cfg = gr.Number(7.5, label="CFG scale")
                 scheduler = gr.Dropdown(sorted(SCHEDULERS), value="dpm", label="Scheduler")
@@ -132,6 +152,8 @@ def build_sample_tab(ctx: AppContext):
                 zip_file = gr.File(label="Download", interactive=False)
 
     refresh_btn.click(lambda: gr.update(choices=_concepts(ctx)), None, concept, api_visibility="private")
+    # picking a concept writes a prompt with its words (the robot prompt fits only the robot)
+    concept.change(lambda path: default_prompt(path) or gr.update(), concept, prompt, api_name="sample_default_prompt")
 
     def on_regions(text):
         try:
@@ -158,7 +180,7 @@ def build_sample_tab(ctx: AppContext):
         return [{"adapter": adapter, "image": str(saved), "weight": float(weight)}]
 
     def on_submit(concept_path, prompts, neg, first_seed, n, n_steps, guidance, sched, scale, region_text,
-                  cond_adapter_name=None, cond_image_path=None, cond_weight_value=1.0):
+                  cond_adapter_name=None, cond_image_path=None, cond_weight_value=1.0, width_value=0, height_value=0):
         if not concept_path:
             raise UserError("pick a concept or fused model (train or fuse one first)")
         try:
@@ -180,6 +202,9 @@ def build_sample_tab(ctx: AppContext):
                       "steps": form_number(n_steps, "steps"), "guidance_scale": form_number(guidance, "CFG", float),
                       "scheduler": sched, "lora_scale": form_number(scale, "LoRA scale", float),
                       "concept": str(path), "base_model": meta.get("base_model", "embedded")}
+            for key, value in (("width", width_value), ("height", height_value)):
+                if value not in (None, "", 0, "0"):
+                    config[key] = form_number(value, key)
             if region_text.strip():  # boxes as [top, left, bottom, right] fractions (README "Regional sampling")
                 config["regions"] = [{"prompt": p, "box": [y0, x0, y1, x1]}
                                      for (x0, y0, x1, y1), p in parse_regions(region_text)]
@@ -195,7 +220,7 @@ def build_sample_tab(ctx: AppContext):
         return gr.update(choices=job_choices(ctx, "sample"), value=str(j.id)), str(j.id)
 
     submit.click(on_submit, [concept, prompt, negative, seed, count, steps, cfg, scheduler, lora_scale, regions,
-                               cond_adapter, cond_image, cond_weight],
+                               cond_adapter, cond_image, cond_weight, width, height],
                  [job, gr.Textbox(visible=False)], api_name="sample_submit")
 
     def refresh(job_id):

@@ -52,13 +52,18 @@ def test_train_stop_resume_sample_and_export(server):
     log = (Path(info["run_dir"]) / "app.log").read_text()
     assert f"resumed from" in log and "checkpoint" in log
 
-    # sample the concept, 2 seeds; the gallery lists both with their parameters
+    # picking the concept writes a prompt with its words; sample it, 2 seeds, at 96 x 64;
+    # the gallery lists both with their parameters
+    assert client.predict(str(concept), api_name="/sample_default_prompt") == "a photo of <robot1> <robot2>"
     _, sample_id = client.predict(str(concept), "a photo of <robot1> <robot2>", "", 3, 2, 2, 7.5, "dpm", 1.0, "",
-                               api_name="/sample_submit")
+                                  "", None, 1.0, 96, 64, api_name="/sample_submit")
     info = wait_for(client, sample_id, lambda j: j["state"] in ("done", "failed"))
     assert info["state"] == "done", info
     _, status, gallery = client.predict(str(sample_id), api_name="/sample_refresh")
     assert len(gallery) == 2 and "seed 3" in gallery[0]["caption"] and "seed 4" in gallery[1]["caption"]
+    from PIL import Image
+
+    assert Image.open(gallery[0]["image"]).size == (96, 64)
     assert "done" in status
 
     # fuse it (one concept re-solves it); the fused file is a model the Sample tab offers

@@ -9,6 +9,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from app.command import check_bind
@@ -354,3 +355,19 @@ def test_user_errors_are_escaped_once_even_when_wrapped_again():
     first = UserError("concept words 'x': expected words like <robot1> <robot2>")
     expected = "concept words 'x': expected words like &lt;robot1&gt; &lt;robot2&gt;"
     assert first.message == expected and UserError(first.message).message == expected
+
+
+def test_the_sample_prompt_follows_the_chosen_concept(tmp_path):
+    from safetensors.torch import save_file
+
+    from app.tab_sample import default_prompt
+
+    concept = tmp_path / "cat.safetensors"
+    save_file({"embeddings.<cat1>": torch.zeros(2, 4)}, concept,
+              metadata={"format": "mixofshow.edlora/1", "words": json.dumps(["<cat1>", "<cat2>"])})
+    assert default_prompt(str(concept)) == "a photo of <cat1> <cat2>"
+    fused = tmp_path / "fused.safetensors"
+    save_file({"x": torch.zeros(1)}, fused, metadata={"format": "mixofshow.fused/1", "concepts": json.dumps(
+        [{"words": ["<cat1>", "<cat2>"]}, {"words": ["<robot1>", "<robot2>"]}])})
+    assert default_prompt(str(fused)) == "a photo of <cat1> <cat2> and <robot1> <robot2>"
+    assert default_prompt("") is None and default_prompt(str(tmp_path / "missing.safetensors")) is None
