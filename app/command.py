@@ -34,6 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "needed for a non-loopback --host")
     p.add_argument("--ssl-certfile", metavar="FILE", help="serve HTTPS with this certificate (with --ssl-keyfile)")
     p.add_argument("--ssl-keyfile", metavar="FILE", help="the certificate's private key")
+    p.add_argument("--models-dir", metavar="DIR", help="base models the Train tab offers: diffusers folders and "
+                   ".safetensors files in DIR (a base model given as a path must lie here or in the runs folder)")
     p.add_argument("--device", help="device the worker runs jobs on (default: cuda when available, else cpu)")
     p.set_defaults(func=run)
 
@@ -78,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--port {args.port}: expected 1..65535")
     from app.server import serve  # gradio is imported here, not at `mixofshow --help`
 
+    if args.models_dir is not None and not os.path.isdir(args.models_dir):
+        raise ValueError(f"--models-dir {args.models_dir}: no such folder")
     serve(args.runs_dir, host=args.host, port=args.port, auth=auth, device=args.device,
-          ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+          ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, models_dir=args.models_dir)
     return 0

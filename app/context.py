@@ -10,7 +10,7 @@ from pathlib import Path
 from app.jobs import Job, JobStore
 from app.runs import inside
 
-__all__ = ["AppContext", "fmt_seconds", "job_choices", "job_summary", "unique_name"]
+__all__ = ["AppContext", "base_model_choices", "fmt_seconds", "job_choices", "job_summary", "unique_name"]
 
 
 @dataclass
@@ -18,10 +18,24 @@ class AppContext:
     runs_dir: Path
     store: JobStore
     device: str
+    models_dir: Path | None = None  # base models the Train tab offers (`mixofshow app --models-dir`)
 
     def path(self, value: str | Path) -> Path:
         """A path the page sent back, checked to lie inside the runs folder."""
         return inside(self.runs_dir, value)
+
+
+def base_model_choices(ctx: AppContext) -> list[str]:
+    """The base-model picker: the toy world (when its weights are installed), the embedded model,
+    then the diffusers folders and ``.safetensors`` files in ``--models-dir``."""
+    from mixofshow.models.pretrained import toyworld_weights_dir
+
+    names = (["toyworld"] if (toyworld_weights_dir() / "manifest.json").is_file() else []) + ["embedded"]
+    if ctx.models_dir is not None and ctx.models_dir.is_dir():
+        for entry in sorted(ctx.models_dir.iterdir()):
+            if (entry / "model_index.json").is_file() or (entry.is_file() and entry.suffix == ".safetensors"):
+                names.append(str(entry))
+    return names
 
 
 def fmt_seconds(seconds: float | None) -> str:

@@ -88,7 +88,7 @@ def start_worker(runs_dir: Path, device: str) -> subprocess.Popen:
 
 def serve(runs_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 7860,
           auth: tuple[str, str] | None = None, device: str | None = None, block: bool = True,
-          ssl_certfile: str | None = None, ssl_keyfile: str | None = None):
+          ssl_certfile: str | None = None, ssl_keyfile: str | None = None, models_dir: str | None = None):
     """Mark jobs of a previous app run that died with it, start the worker, serve the pages."""
     runs = Path(runs_dir).resolve()
     runs.mkdir(parents=True, exist_ok=True)
@@ -96,7 +96,7 @@ def serve(runs_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 7860
     interrupted = store.recover()
     if interrupted:
         log.warning("jobs %s were interrupted when the app last stopped; Resume continues them", interrupted)
-    ctx = AppContext(runs, store, device or default_device())
+    ctx = AppContext(runs, store, device or default_device(), Path(models_dir).resolve() if models_dir else None)
     worker = start_worker(runs, ctx.device)
 
     def stop_worker() -> None:

@@ -16,9 +16,9 @@ import gradio as gr
 import pandas as pd
 import yaml
 
-from app.context import AppContext, job_choices, job_summary, unique_name
+from app.context import AppContext, base_model_choices, job_choices, job_summary, unique_name
 from app.errors import UserError
-from app.runs import images_of
+from app.runs import confined, images_of
 from app.uploads import UploadError, save_concept_upload
 from mixofshow.demo import repo_root
 
@@ -94,8 +94,10 @@ def _hp_values(name: str, texts: list[str]) -> dict[str, Any]:
 
 def form_to_config(base: dict[str, Any] | None, concept_list: str, name: str, words: str, class_word: str,
                    base_model: str, resolution, optimizer: str, params: dict[str, Any], rank, steps, batch,
-                   lr_unet, lr_text, lr_emb, checkpoint_every, validation_every, prompts: str) -> dict[str, Any]:
-    """The training YAML (as a dict) for the form's values on top of ``base``."""
+                   lr_unet, lr_text, lr_emb, checkpoint_every, validation_every, prompts: str,
+                   model_roots: list[Path] | None = None) -> dict[str, Any]:
+    """The training YAML (as a dict) for the form's values on top of ``base``; a base model given as
+    a path must lie inside one of ``model_roots`` (the runs folder and ``--models-dir``)."""
     data = copy.deepcopy(base or base_config())
     word_list = words.split()
     if not word_list or not all(w.startswith("<") and w.endswith(">") for w in word_list):
@@ -103,8 +105,13 @@ def form_to_config(base: dict[str, Any] | None, concept_list: str, name: str, wo
     if not name.strip():
         raise UserError("name: give the run a name")
     data["name"] = name.strip()
-    data["base_model"] = base_model.strip() or "embedded"
-    from mixofshow.models.loading import check_base_model
+    data["base_model"] = (base_model or "").strip() or "embedded"
+    from mixofshow.models.loading import check_base_model, looks_like_path
+
+    if model_roots is not None and looks_like_path(data["base_model"]):
+        if not any(confined(root, data["base_model"]) for root in model_roots):
+            raise UserError(f"base model {data['base_model']}: a file or folder must lie inside the runs folder or "
+                            "the app's --models-dir; pick one from the list, or give a hub id")
 
     try:
         check_base_model(data["base_model"])  # refused here, not later in the worker
@@ -158,7 +165,8 @@ def build_train_tab(ctx: AppContext) -> None:
                 words = gr.Textbox(" ".join(example["concept"]["words"]), label="Concept words")
                 class_word = gr.Textbox("robot", label="Class word (initialises the last word)")
             with gr.Row():
-                base_model = gr.Textbox("embedded", label="Base model (embedded, hub id, folder or .safetensors)")
+                base_model = gr.Dropdown(base_model_choices(ctx), value="embedded", allow_custom_value=True,
+                                         label="Base model (pick one, or type a hub id)")
                 resolution = gr.Number(example["data"]["resolution"], label="Resolution", precision=0)
             gr.Markdown("### Optimizer")
             optimizer = gr.Dropdown(sorted(SPECS), value="adamw", label="LoRA optimizer")
@@ -225,8 +233,9 @@ def build_train_tab(ctx: AppContext) -> None:
     def collect(base, src, shipped_name, imgs, caps, msks, listed, *values):
         form_values, hp_texts = values[: len(form)], values[len(form):]
         params = _hp_values(form_values[5], list(hp_texts))
+        roots = [ctx.runs_dir] + ([ctx.models_dir] if ctx.models_dir is not None else [])
         return form_to_config(base, resolve_concept(src, shipped_name, imgs, caps, msks, listed), *form_values[:5],
-                              form_values[5], params, *form_values[6:])
+                              form_values[5], params, *form_values[6:], model_roots=roots)
 
     inputs = [preset_base, source, concept, images, captions, masks, concept_list, *form, *hp]
 

@@ -371,3 +371,30 @@ def test_the_sample_prompt_follows_the_chosen_concept(tmp_path):
         [{"words": ["<cat1>", "<cat2>"]}, {"words": ["<robot1>", "<robot2>"]}])})
     assert default_prompt(str(fused)) == "a photo of <cat1> <cat2> and <robot1> <robot2>"
     assert default_prompt("") is None and default_prompt(str(tmp_path / "missing.safetensors")) is None
+
+
+def test_base_model_picker_and_paths_confined_to_the_runs_and_models_folders(tmp_path):
+    from app.context import AppContext, base_model_choices
+    from app.errors import UserError
+    from app.tab_train import base_config, form_to_config
+
+    models, runs = tmp_path / "models", tmp_path / "runs"
+    (models / "sd-folder").mkdir(parents=True)
+    (models / "sd-folder" / "model_index.json").write_text("{}")
+    (models / "v1-5.safetensors").write_bytes(b"x")
+    (models / "notes.txt").write_text("not a model")
+    runs.mkdir()
+    ctx = AppContext(runs, JobStore(runs / "jobs.sqlite"), "cpu", models)
+    choices = base_model_choices(ctx)
+    assert "embedded" in choices and choices[-2:] == [str(models / "sd-folder"), str(models / "v1-5.safetensors")]
+    form = ["run", "<robot1> <robot2>", "robot"]
+    rest = (64, "adamw", {}, 4, 2, 1, 1e-4, 1e-5, 1e-3, 1, -1, "")
+    roots = [runs, models]
+    config = form_to_config(base_config(), "c.json", *form, str(models / "sd-folder"), *rest, model_roots=roots)
+    assert config["base_model"] == str(models / "sd-folder")
+    outside = tmp_path / "elsewhere"
+    (outside / "pipe").mkdir(parents=True)
+    (outside / "pipe" / "model_index.json").write_text("{}")
+    for path in (str(outside / "pipe"), str(models / ".." / "elsewhere" / "pipe")):
+        with pytest.raises(UserError, match="must lie inside the runs folder or the app's --models-dir"):
+            form_to_config(base_config(), "c.json", *form, path, *rest, model_roots=roots)

@@ -18,7 +18,7 @@ from mixofshow.models.embedded import build_embedded_pipeline
 from mixofshow.models.identity import EMBEDDED_ALIASES
 from mixofshow.models.pretrained import TOYWORLD_NAME, build_toyworld_pipeline, file_sha256
 
-__all__ = ["ModelLoadError", "check_base_model", "load_pipeline", "is_offline", "resolve_dtype"]
+__all__ = ["ModelLoadError", "check_base_model", "load_pipeline", "is_offline", "looks_like_path", "resolve_dtype"]
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def load_pipeline(
         if path.suffix not in _SINGLE_FILE_SUFFIXES:
             raise ModelLoadError(f"{path}: expected a .safetensors checkpoint or a diffusers folder")
         return _single_file(path, config, dtype, offline, common)
-    if _looks_like_path(base_model):
+    if looks_like_path(base_model):
         raise ModelLoadError(f"{base_model}: no such file or folder")
     return _wrap(
         lambda: StableDiffusionPipeline.from_pretrained(base_model, local_files_only=offline, **common),
@@ -134,7 +134,7 @@ def check_base_model(base_model: str) -> None:
         if path.suffix not in _SINGLE_FILE_SUFFIXES:
             raise ModelLoadError(f"{path}: expected a .safetensors checkpoint or a diffusers folder")
         return
-    if _looks_like_path(base_model):
+    if looks_like_path(base_model):
         raise ModelLoadError(f"{base_model}: no such file or folder")
     if is_offline():
         from huggingface_hub import try_to_load_from_cache
@@ -146,7 +146,8 @@ def check_base_model(base_model: str) -> None:
             )
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
+    """Whether a base-model name is a file or folder path (a hub id is ``org/name``)."""
     return name.startswith((".", "/", "~")) or name.endswith(_SINGLE_FILE_SUFFIXES + _PICKLE_SUFFIXES) \
         or name.count("/") != 1 or os.sep in name and name.count(os.sep) > 1
 
