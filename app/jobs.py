@@ -213,6 +213,20 @@ class JobStore:
             db.execute("UPDATE commands SET taken = ? WHERE job_id = ? AND taken IS NULL", (time.time(), job_id))
         return self.get(job_id)
 
+    def delete(self, job_id: int) -> Job:
+        """Forget a job that is not running (its row, requests and losses); returns it as it was.
+        A queued job is deleted as it waits; a running one must be stopped first."""
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (int(job_id),)).fetchone()
+            if row is None:
+                raise ValueError(f"no job #{job_id}")
+            if row["state"] == "running":
+                raise ValueError(f"job #{job_id} is running; stop it first (Cancel / stop), then delete it")
+            for table in ("commands", "losses"):
+                db.execute(f"DELETE FROM {table} WHERE job_id = ?", (int(job_id),))
+            db.execute("DELETE FROM jobs WHERE id = ?", (int(job_id),))
+        return _job(row)
+
     def send(self, job_id: int, command: str) -> None:
         """A request for a running training job: ``stop``, ``checkpoint`` or ``validate``."""
         if command not in TRAIN_COMMANDS:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunInfo", "concept_files", "confined", "images_of", "inside", "list_runs", "read_text"]
+__all__ = ["RunInfo", "concept_files", "confined", "delete_run", "images_of", "inside", "list_runs", "read_text"]
 
 _SPECIAL = {"fused", "samples", "uploads", "presets", "exports", "compare"}
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -45,6 +45,31 @@ def confined(root: str | os.PathLike, path: str | os.PathLike) -> Path | None:
         return inside(root, path)
     except (ValueError, OSError):
         return None
+
+
+def delete_run(root: str | os.PathLike, folder: str | os.PathLike, busy: set[Path] = frozenset()) -> Path:
+    """Remove a run folder of the runs folder; refuses the runs folder itself, its own sub-folders
+    (jobs, uploads, presets...), a folder a job is running in (``busy``) and one whose training
+    process holds its lock (a run started from the command line). Returns the removed folder."""
+    import shutil
+
+    from mixofshow.train.folder import RunLock
+    from mixofshow.utils.config import ConfigError
+
+    root_r = Path(root).resolve()
+    target = confined(root_r, folder)
+    if target is None or target == root_r or not target.is_dir():
+        raise ValueError(f"{folder}: not a run folder inside the app's runs folder {root}")
+    if target.parent == root_r and target.name in _SPECIAL:
+        raise ValueError(f"{folder}: the app's own {target.name}/ folder, not a run")
+    if any(target == b.resolve() or target in b.resolve().parents for b in busy):
+        raise ValueError(f"{folder}: a job is running in it; stop it first")
+    try:
+        with RunLock(target):  # a training process (app or CLI) holds this while it runs
+            shutil.rmtree(target)
+    except ConfigError as err:
+        raise ValueError(str(err)) from None
+    return target
 
 
 @dataclass

@@ -1,15 +1,18 @@
 """The Queue tab: every job (running first, then the waiting queue in order, then the rest),
-with reorder, cancel and resume. The worker takes the top queued job when the device is free."""
+with reorder, cancel, resume and delete (confirmed; a running job is stopped first, and its folder
+is never removed while it runs). The worker takes the top queued job when the device is free."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
 from app.context import AppContext, fmt_seconds
 from app.errors import UserError
+from app.runs import delete_run
 
 __all__ = ["build_queue_tab", "jobs_table"]
 
@@ -44,6 +47,10 @@ def build_queue_tab(ctx: AppContext):
         down = gr.Button("Move down")
         cancel = gr.Button("Cancel / stop")
         resume = gr.Button("Resume")
+    with gr.Row():
+        with_folder = gr.Checkbox(False, label="also delete its run folder")
+        confirm = gr.Checkbox(False, label="yes, delete")
+        delete = gr.Button("Delete job", variant="stop")
     details = gr.JSON(label="Job details")
 
     def info(jid):
@@ -77,6 +84,24 @@ def build_queue_tab(ctx: AppContext):
 
     for btn, kind in ((up, "up"), (down, "down"), (cancel, "cancel"), (resume, "resume")):
         btn.click(act(kind), job_id, [table, details], api_name=f"queue_{kind}")
+
+    def on_delete(jid, folder_too: bool, confirmed: bool):
+        if not jid:
+            raise UserError("enter a job id from the table")
+        if not confirmed:
+            raise UserError("tick 'yes, delete' to delete the job" + (" and its run folder" if folder_too else ""))
+        try:
+            job = ctx.store.delete(int(jid))
+            message = f"job #{job.id} deleted"
+            if folder_too and Path(job.run_dir).is_dir():
+                busy = {Path(j.run_dir) for j in ctx.store.jobs() if j.state == "running"}
+                message += f"; removed {delete_run(ctx.runs_dir, job.run_dir, busy)}"
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        gr.Info(message, duration=4)
+        return jobs_table(ctx), None, False
+
+    delete.click(on_delete, [job_id, with_folder, confirm], [table, details, confirm], api_name="queue_delete")
     def on_select(evt: gr.SelectData):
         return evt.row_value[0] if evt.row_value else None
 

@@ -12,7 +12,7 @@ import pandas as pd
 
 from app.context import AppContext
 from app.errors import UserError
-from app.runs import images_of, list_runs, read_text
+from app.runs import delete_run, images_of, list_runs, read_text
 
 __all__ = ["build_runs_tab", "export_concept"]
 
@@ -43,6 +43,9 @@ def build_runs_tab(ctx: AppContext):
             with gr.Row():
                 fmt = gr.Radio(list(FORMATS), value="safetensors", label="Concept file format")
                 export_btn = gr.Button("Download concept")
+            with gr.Row():
+                confirm = gr.Checkbox(False, label="yes, delete this run's folder")
+                delete_btn = gr.Button("Delete run", variant="stop", size="sm")
             files = gr.File(label="Files", file_count="multiple", interactive=False)
         with gr.Column():
             config = gr.Code(label="Config", language="yaml")
@@ -94,4 +97,19 @@ def build_runs_tab(ctx: AppContext):
             raise UserError(str(err)) from None
 
     export_btn.click(on_export, [run, fmt], files, api_name="runs_export")
+
+    def on_delete(path, confirmed: bool):
+        if not path:
+            raise UserError("pick a run first")
+        if not confirmed:
+            raise UserError("tick 'yes, delete this run's folder' to delete it")
+        busy = {Path(j.run_dir) for j in ctx.store.jobs() if j.state == "running"}
+        try:
+            removed = delete_run(ctx.runs_dir, path, busy)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        gr.Info(f"removed {removed}", duration=4)
+        return on_refresh(None), False
+
+    delete_btn.click(on_delete, [run, confirm], [run, confirm], api_name="runs_delete")
     return run, on_refresh

@@ -398,3 +398,34 @@ def test_base_model_picker_and_paths_confined_to_the_runs_and_models_folders(tmp
     for path in (str(outside / "pipe"), str(models / ".." / "elsewhere" / "pipe")):
         with pytest.raises(UserError, match="must lie inside the runs folder or the app's --models-dir"):
             form_to_config(base_config(), "c.json", *form, path, *rest, model_roots=roots)
+
+
+def test_delete_job_and_run_folder_never_a_running_one(tmp_path):
+    from app.runs import delete_run
+    from mixofshow.train.folder import RunLock
+
+    runs = tmp_path / "runs"
+    store = JobStore(runs / "jobs.sqlite")
+    done = store.submit("train", "a", {}, str(runs / "a"), "cpu")
+    running = store.submit("train", "b", {}, str(runs / "b"), "cpu")
+    for folder in ("a", "b", "cli", "uploads"):
+        (runs / folder).mkdir(parents=True, exist_ok=True)
+        (runs / folder / "metrics.json").write_text("{}")
+    claimed = store.claim("cpu", os.getpid())
+    assert claimed.id == done.id
+    store.finish(done.id, "done")
+    store.claim("cpu", os.getpid())  # b is running now
+    with pytest.raises(ValueError, match="is running; stop it first"):
+        store.delete(running.id)
+    assert store.delete(done.id).run_dir == str(runs / "a") and [j.id for j in store.jobs()] == [running.id]
+    busy = {runs / "b"}
+    with pytest.raises(ValueError, match="a job is running in it"):
+        delete_run(runs, runs / "b", busy)
+    with RunLock(runs / "cli"):  # a training started from the command line
+        with pytest.raises(ValueError, match="in use by a run that is still training"):
+            delete_run(runs, runs / "cli")
+    for bad in (runs, runs / "uploads", tmp_path, runs / ".." / "runs"):
+        with pytest.raises(ValueError):
+            delete_run(runs, bad)
+    assert delete_run(runs, runs / "a", busy) == (runs / "a").resolve() and not (runs / "a").exists()
+    assert (runs / "b").is_dir() and (runs / "cli").is_dir() and (runs / "uploads").is_dir()
