@@ -77,7 +77,9 @@ def job_summary(job: Job) -> str:
         if p.get("clip_note"):
             lines.append(f"CLIP scores n/a: {p['clip_note']}")
     elif p.get("total"):
-        lines.append(f"{p.get('phase', '')}: {p.get('done', 0)} / {p['total']} images")
+        eta = f" · {fmt_seconds(p.get('seconds_per_image'))}/image · ETA {fmt_seconds(p.get('eta'))}" \
+            if job.state == "running" and p.get("eta") is not None else ""
+        lines.append(f"{p.get('phase', '')}: {p.get('done', 0)} / {p['total']} images{eta}")
     elif p.get("phase"):
         lines.append(str(p["phase"]))
     if job.started:

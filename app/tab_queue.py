@@ -24,7 +24,8 @@ def _progress(job) -> str:
     if p.get("max_steps"):
         return f"{p.get('step', 0)}/{p['max_steps']}" + (f" ETA {fmt_seconds(p.get('eta'))}" if job.state == "running" else "")
     if p.get("total"):
-        return f"{p.get('done', 0)}/{p['total']} images"
+        eta = f" ETA {fmt_seconds(p['eta'])}" if job.state == "running" and p.get("eta") is not None else ""
+        return f"{p.get('done', 0)}/{p['total']} images{eta}"
     return p.get("phase", "")
 
 

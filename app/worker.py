@@ -127,10 +127,12 @@ def _sample(store: JobStore, job: Job, shutdown: threading.Event) -> str:
     pipe = load_pipeline(config.base_model)
     adapter = load_adapter(pipe, config.concept, lora_scale=config.lora_scale)
     pipe.to(torch.device(job.device))
-    done = 0
+    done, started = 0, time.perf_counter()  # the clock starts after the model load: ETA of the images only
     for _ in iter_samples(pipe, adapter.encoder, config, progress=False):
         done += 1
-        store.report(job.id, {"phase": "sampling", "done": done, "total": total})
+        per_image = (time.perf_counter() - started) / done
+        store.report(job.id, {"phase": "sampling", "done": done, "total": total,
+                              "seconds_per_image": per_image, "eta": per_image * (total - done)})
         if shutdown.is_set():
             return "interrupted"
         if "stop" in store.take_commands(job.id):

@@ -429,3 +429,13 @@ def test_delete_job_and_run_folder_never_a_running_one(tmp_path):
             delete_run(runs, bad)
     assert delete_run(runs, runs / "a", busy) == (runs / "a").resolve() and not (runs / "a").exists()
     assert (runs / "b").is_dir() and (runs / "cli").is_dir() and (runs / "uploads").is_dir()
+
+
+def test_a_sample_job_shows_its_eta():
+    from app.context import job_summary
+    from app.jobs import Job
+
+    job = Job(id=3, kind="sample", name="s", config={}, state="running", progress={
+        "phase": "sampling", "done": 2, "total": 8, "seconds_per_image": 1.5, "eta": 9.0}, position=1, device="cpu",
+        run_dir="/r", resume=False, error=None, worker_pid=None, created=0.0, started=1.0, finished=None)
+    assert "sampling: 2 / 8 images · 2s/image · ETA 9s" in job_summary(job)  # fmt_seconds rounds 1.5 s
