@@ -21,6 +21,7 @@ from app.errors import UserError
 from app.runs import confined, images_of
 from app.uploads import UploadError, save_concept_upload
 from mixofshow.demo import repo_root
+from mixofshow.utils.io import atomic_write_text
 
 __all__ = ["HP_SLOTS", "build_train_tab", "form_to_config"]
 
@@ -254,7 +255,7 @@ def build_train_tab(ctx: AppContext) -> None:
         safe = unique_name(ctx, preset or "preset", presets_dir).removesuffix(".yaml")
         path = presets_dir / f"{safe}.yaml"
         presets_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+        atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
         return str(path), gr.update(choices=sorted(p.stem for p in presets_dir.glob("*.yaml")), value=safe)
 
     save_preset.click(on_save, [preset_name, *inputs], [preset_file, preset_pick], api_name="train_save_preset")
@@ -267,7 +268,10 @@ def build_train_tab(ctx: AppContext) -> None:
         if not isinstance(data, dict) or "data" not in data or "concept" not in data:
             raise UserError(f"{Path(path).name}: not a training config (expected data: and concept: sections)")
         base = Path(path).parent if Path(path).parent == presets_dir else repo_root() / "configs"
-        data = _absolute(data, base)
+        return fill_from_data(_absolute(data, base))
+
+    def fill_from_data(data: dict) -> list:
+        """The form's values for a training config (a preset, or a job's own config)."""
         cl = data["data"].get("concept_list", "")
         match = [k for k, v in shipped.items() if str(v) == str(Path(cl).resolve())]
         c, o, t, v = data["concept"], data.get("optimizer", {}), data.get("train", {}), data.get("validation", {})
@@ -296,6 +300,16 @@ def build_train_tab(ctx: AppContext) -> None:
         imgs = [(str(p), p.parent.name if p.parent.name.startswith("scale") else p.name)
                 for p in images_of(ctx.runs_dir, Path(j.run_dir) / "samples", limit=24)]
         return gr.update(choices=choices, value=str(j.id)), job_summary(j), frame, imgs
+
+    def fill_from_job(job_id) -> list:
+        """Choosing a job in the list shows its settings in the form (to read, or to start a variant)."""
+        try:
+            train_config = ctx.store.get(int(job_id)).config["train"]
+        except (ValueError, TypeError, KeyError):
+            raise UserError(f"job {job_id!r}: no training job with settings to show") from None
+        return fill_from_data(copy.deepcopy(train_config))
+
+    job.select(fill_from_job, job, fill_outputs, api_name="train_job_settings")
 
     monitor = [job, status, plot, gallery]
     gr.Timer(1.0).tick(refresh, job, monitor, api_visibility="private", show_progress="hidden")

@@ -42,6 +42,9 @@ def test_train_stop_resume_sample_and_export(server):
     assert 2 <= stopped_at < 40
     ckpts = sorted((Path(info["run_dir"]) / "checkpoints").iterdir())
     assert len(ckpts) >= 1  # "save now" and the stop each wrote one (keep_checkpoints prunes)
+    # choosing the job shows its settings in the form: the run name, words and steps it was given
+    values = client.predict(str(job_id), api_name="/train_job_settings")
+    assert "robot" in values and "<robot1> <robot2>" in values and 40 in values
 
     client.predict(str(job_id), api_name="/train_resume")
     info = wait_for(client, job_id, lambda j: j["state"] in ("done", "failed"))

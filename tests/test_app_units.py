@@ -392,6 +392,8 @@ def test_base_model_picker_and_paths_confined_to_the_runs_and_models_folders(tmp
     roots = [runs, models]
     config = form_to_config(base_config(), "c.json", *form, str(models / "sd-folder"), *rest, model_roots=roots)
     assert config["base_model"] == str(models / "sd-folder")
+    for named in ("embedded", "toyworld"):  # the shipped models are names, not paths
+        assert form_to_config(base_config(), "c.json", *form, named, *rest, model_roots=roots)["base_model"] == named
     outside = tmp_path / "elsewhere"
     (outside / "pipe").mkdir(parents=True)
     (outside / "pipe" / "model_index.json").write_text("{}")

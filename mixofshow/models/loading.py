@@ -147,7 +147,10 @@ def check_base_model(base_model: str) -> None:
 
 
 def looks_like_path(name: str) -> bool:
-    """Whether a base-model name is a file or folder path (a hub id is ``org/name``)."""
+    """Whether a base-model name is a file or folder path: not a model the package ships
+    (``embedded``, ``toyworld``) and not a hub id (``org/name``)."""
+    if name in EMBEDDED_ALIASES or name == TOYWORLD_NAME:
+        return False
     return name.startswith((".", "/", "~")) or name.endswith(_SINGLE_FILE_SUFFIXES + _PICKLE_SUFFIXES) \
         or name.count("/") != 1 or os.sep in name and name.count(os.sep) > 1
 
