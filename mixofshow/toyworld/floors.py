@@ -14,7 +14,6 @@ Nothing here is trained on: ``test`` is disjoint from the training scenes and tr
 
 from __future__ import annotations
 
-import io
 import logging
 from pathlib import Path
 
@@ -37,42 +36,42 @@ FLOORS = {
 GUIDANCE, STEPS = 7.5, 25
 
 
+def _uint8(images: torch.Tensor) -> np.ndarray:
+    """Images in [-1, 1] (B x 3 x H x W) as B x H x W x 3 uint8, as a judge reads renderings."""
+    return ((images.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+
+
 def _clip_judge(towers, images: torch.Tensor, scenes) -> dict[str, float]:
     from mixofshow.toyworld.clips import zero_shot
 
-    return zero_shot(towers, Split(((images.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy(),
-                                   list(scenes)), limit=len(scenes))
+    return zero_shot(towers, Split(_uint8(images), list(scenes)), limit=len(scenes))
 
 
 @torch.no_grad()
-def sample_prompts(pipe, prompts: list[str], seed: int, batch: int = 25) -> torch.Tensor:
-    """Images (B x 3 x H x W in [-1, 1]) for ``prompts``; prompt i uses seed ``seed + i``."""
+def sample_prompts(pipe, prompts: list[str], seed: int, batch: int = 25, per_prompt: int = 1) -> torch.Tensor:
+    """Images (B x 3 x H x W in [-1, 1]) for ``prompts``; image i uses seed ``seed + i % per_prompt``
+    (``per_prompt`` consecutive entries of one prompt are its seeds)."""
     out = []
     for k in range(0, len(prompts), batch):
         chunk = prompts[k : k + batch]
-        gens = [torch.Generator().manual_seed(seed + k + i) for i in range(len(chunk))]
+        gens = [torch.Generator().manual_seed(seed + (k + i) % per_prompt if per_prompt > 1 else seed + k + i)
+                for i in range(len(chunk))]
         images = pipe(chunk, num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=gens,
                       output_type="np").images
         out.append(torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1)
     return torch.cat(out)
 
 
-def sample_grid(images: torch.Tensor, path: Path, columns: int = 8, scale: int = 2) -> Path:
-    """Save images (in [-1, 1]) as one PNG grid, each image enlarged ``scale`` times (nearest)."""
-    from mixofshow.utils.io import atomic_write_bytes
+def sample_grid(pipe, prompts: list[str], path: Path, seeds: int = 4, seed: int = 0, scale: int = 2) -> Path:
+    """One labelled PNG: a row per prompt (its text on the left), ``seeds`` samples each, enlarged
+    ``scale`` times (nearest neighbour, so the pixels stay what the model drew)."""
+    from mixofshow.sample.grid import save_grid
 
-    arr = ((images.permute(0, 2, 3, 1).cpu().numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
-    n, h, w, _ = arr.shape
-    rows = -(-n // columns)
-    grid = np.full((rows * (h + 2), columns * (w + 2), 3), 255, np.uint8)
-    for i, im in enumerate(arr):
-        r, c = divmod(i, columns)
-        grid[r * (h + 2) : r * (h + 2) + h, c * (w + 2) : c * (w + 2) + w] = im
-    img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.Resampling.NEAREST)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    images = _uint8(sample_prompts(pipe, [p for p in prompts for _ in range(seeds)], seed, per_prompt=seeds))
+    cells = [Image.fromarray(im).resize((im.shape[1] * scale, im.shape[0] * scale), Image.Resampling.NEAREST)
+             for im in images]
+    rows = [cells[i * seeds : (i + 1) * seeds] for i in range(len(prompts))]
+    return save_grid(path, rows, row_labels=prompts, col_labels=[f"seed {seed + k}" for k in range(seeds)])
 
 
 def check_floors(weights_dir: Path, test: Split, samples: int = 200, seed: int = 0,
@@ -103,13 +102,13 @@ def check_floors(weights_dir: Path, test: Split, samples: int = 200, seed: int =
         log.info("check: sampling %d held-out prompts", len(scenes))
         images = sample_prompts(pipe, [s.caption for s in scenes], seed)
         measured["samples_clip"] = _clip_judge(eval_towers, images, scenes)
-        measured["samples_judge"] = judge_accuracy(judge, Split(
-            ((images.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy(), scenes), limit=len(scenes))
+        judged = judge_accuracy(judge, Split(_uint8(images), scenes), limit=len(scenes))
+        judged.pop("box_iou")  # a sample's object is not where the prompt's rendering put it
+        measured["samples_judge"] = judged
         measured["samples"] = {k: min(measured["samples_clip"][k], measured["samples_judge"][k])
                                for k in FLOORS["samples"]}
     if grid_path is not None:
-        sample_grid(images[:32], grid_path)
-        measured["grid_prompts"] = [s.caption for s in scenes[:32]]
+        sample_grid(pipe, [s.caption for s in scenes[:8]], grid_path, seed=seed)
     passed = {
         "vae_psnr_test": measured["vae_psnr_test"] >= FLOORS["vae_psnr_test"],
         "clip_zero_shot": all(measured["clip_zero_shot"][k] >= v for k, v in FLOORS["clip_zero_shot"].items()),

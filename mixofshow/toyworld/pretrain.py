@@ -29,7 +29,8 @@ __all__ = ["STAGES", "DEFAULT_WORK_DIR", "SPLIT_SIZES", "add_parser", "run_pretr
 log = logging.getLogger(__name__)
 
 STAGES = ("render", "vae", "clip-cond", "clip-eval", "judge", "unet", "export")
-DEFAULT_WORK_DIR = Path("checkpoints/toyworld")
+_REPO = Path(__file__).resolve().parents[2]  # the checkout (the package is installed editable)
+DEFAULT_WORK_DIR = _REPO / "checkpoints" / "toyworld"  # committed checkpoints continue from here
 SPLIT_SIZES = {"train": 30000, "val": 1000, "test": 1000}
 IMAGE_SIZE = 64
 
@@ -167,7 +168,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--stage", default="all", choices=("all",) + STAGES, help="stage to run (default: all, in order)")
     p.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR,
-                   help=f"checkpoints, metrics and the rendered data (default {DEFAULT_WORK_DIR})")
+                   help="checkpoints, metrics and the rendered data (default: the checkout's checkpoints/toyworld)")
     p.add_argument("--seed", type=int, default=0, help="world and training seed (default 0)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")
     p.add_argument("--max-minutes", type=float, default=None,
@@ -194,7 +195,7 @@ def _run(args: argparse.Namespace) -> int:
                         args.partial)
 
 
-GRID_PATH = Path("docs/toyworld/base_samples.png")
+GRID_PATH = _REPO / "docs" / "toyworld" / "base_samples.png"
 
 
 def check(work: Path, seed: int, weights_dir: Path | None, samples: int) -> int:
@@ -212,7 +213,7 @@ def check(work: Path, seed: int, weights_dir: Path | None, samples: int) -> int:
     render_split(work / "data", "test", SPLIT_SIZES["test"], manifest["seed"], IMAGE_SIZE)
     report = check_floors(weights_dir, load_split(work / "data", "test"), samples, seed, GRID_PATH)
     manifest["floors"] = {**report, "command": f"mixofshow pretrain --check --samples {samples} --seed {seed}",
-                          "grid": str(GRID_PATH)}
+                          "grid": str(GRID_PATH.relative_to(_REPO))}
     atomic_write_text(weights_dir / "manifest.json", json.dumps(manifest, indent=1) + "\n")
     print(json.dumps(report, indent=1))
     return 0 if all(report["passed"].values()) else 1
