@@ -36,12 +36,14 @@ from PIL import Image, ImageOps
 
 from mixofshow.utils.io import read_json
 
+from .buckets import nearest_bucket
 from .transforms import (
     DEFAULT_TEMPLATES,
     apply_template,
     check_templates,
     pad_to_square,
     replace_tokens,
+    resize_to_bucket,
     shuffle_caption_tags,
     uniform,
 )
@@ -265,7 +267,9 @@ def _check_mapping(replace_mapping: Mapping[str, str]) -> dict[str, str]:
 class ConceptDataset(torch.utils.data.Dataset):
     """Images, masks and template-wrapped prompts of one or more concepts.
 
-    Image transform (see :func:`mixofshow.data.transforms.pad_to_square`): with probability
+    With ``buckets`` (sizes ``(w, h)``, :mod:`mixofshow.data.buckets`) each image is resized to
+    the bucket nearest its aspect ratio and flipped with ``flip_p``; otherwise, the image transform
+    (see :func:`mixofshow.data.transforms.pad_to_square`): with probability
     ``crop_p`` a random window is cut along the long side (from the whole length down to a
     square); the result is resized so its long side is ``resolution * scale`` (scale uniform in
     ``scale_range``), pasted at a random place on a black ``resolution`` square (padding gets
@@ -289,6 +293,7 @@ class ConceptDataset(torch.utils.data.Dataset):
         crop_p: float = 0.5,
         scale_range: tuple[float, float] = (1.0, 1.0),
         cache_images: bool = True,
+        buckets: Sequence[tuple[int, int]] | None = None,
     ) -> None:
         if isinstance(sources, (str, os.PathLike)):
             sources = load_concept_list(sources)
@@ -333,6 +338,8 @@ class ConceptDataset(torch.utils.data.Dataset):
             known.update(value.split())
         self._images: list[Image.Image | None] = []
         self._masks: list[Image.Image | None] = []
+        self.buckets = [tuple(b) for b in buckets] if buckets else None
+        self.sample_bucket: list[int] = []  # per image: its bucket (aspect-ratio bucketing only)
         for sample in self.samples:
             unknown = sorted(set(_PLACEHOLDER.findall(sample.caption)) - known)
             if unknown:
@@ -344,6 +351,8 @@ class ConceptDataset(torch.utils.data.Dataset):
             image, mask = self._decode(sample)
             self._images.append(image if cache_images else None)
             self._masks.append(mask if cache_images else None)
+            if self.buckets:
+                self.sample_bucket.append(nearest_bucket(*image.size, self.buckets))
         logger.info(
             "concept dataset: %d images from %d source(s), resolution %d, repeats %d",
             len(self.samples), len(sources), resolution, repeats,
@@ -369,6 +378,12 @@ class ConceptDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples) * self.repeats
 
+    def bucket_of(self) -> list[int]:
+        """The bucket of every dataset index (with repeats); bucketing only."""
+        if not self.buckets:
+            raise ValueError("the dataset was built without buckets")
+        return [self.sample_bucket[k % len(self.samples)] for k in range(len(self))]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.get(index, None)
 
@@ -388,10 +403,14 @@ class ConceptDataset(torch.utils.data.Dataset):
         image, mask = self._images[i], self._masks[i]
         if image is None:
             image, mask = self._decode(sample)
-        pixel_values, pixel_mask = pad_to_square(
-            image, mask, self.resolution, generator,
-            crop_p=self.crop_p, flip_p=self.flip_p, scale_range=self.scale_range,
-        )
+        if self.buckets:
+            size = self.buckets[self.sample_bucket[i]]
+            pixel_values, pixel_mask = resize_to_bucket(image, mask, size, generator, self.flip_p)
+        else:
+            pixel_values, pixel_mask = pad_to_square(
+                image, mask, self.resolution, generator,
+                crop_p=self.crop_p, flip_p=self.flip_p, scale_range=self.scale_range,
+            )
         return {
             "pixel_values": pixel_values,
             "mask": pixel_mask,

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 __all__ = [
+    "resize_to_bucket",
     "DEFAULT_TEMPLATES",
     "uniform",
     "check_templates",
@@ -166,3 +167,27 @@ def pad_to_square(
         canvas = canvas.flip(-1)
         mask_canvas = mask_canvas.flip(-1)
     return canvas.clamp_(-1.0, 1.0).contiguous(), mask_canvas.clamp_(0.0, 1.0).contiguous()
+
+
+def resize_to_bucket(
+    image: Image.Image,
+    mask: Image.Image | None,
+    size: tuple[int, int],
+    generator: torch.Generator | None = None,
+    flip_p: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Aspect-ratio bucketing's transform (:mod:`mixofshow.data.buckets`): resize to exactly
+    ``size`` = (w, h) (bicubic image, bilinear mask), no crop, no padding; flip with ``flip_p``.
+
+    Returns ``pixel_values`` (3,h,w) in [-1, 1] and ``mask`` (1,h,w) in [0, 1] (all ones without a mask).
+    """
+    (u_flip,) = uniform(generator, 1).tolist()
+    w, h = size
+    pixels = _to_tensor(image.resize((w, h), Image.Resampling.BICUBIC)).permute(2, 0, 1) / 127.5 - 1.0
+    if mask is None:
+        weights = torch.ones((1, h, w))
+    else:
+        weights = _to_tensor(mask.resize((w, h), Image.Resampling.BILINEAR))[None] / 255.0
+    if u_flip < flip_p:
+        pixels, weights = pixels.flip(-1), weights.flip(-1)
+    return pixels.clamp_(-1.0, 1.0).contiguous(), weights.clamp_(0.0, 1.0).contiguous()

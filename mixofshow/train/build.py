@@ -22,6 +22,7 @@ from diffusers import DDPMScheduler
 
 from mixofshow.concepts.edlora import EDLoRA, LoRAConfig
 from mixofshow.data import ConceptDataset, collate, load_concept_list
+from mixofshow.data.buckets import batches_per_epoch, bucket_sizes, epoch_batches
 from mixofshow.models.loading import load_pipeline
 from mixofshow.optim import get_spec
 from mixofshow.optim.full_grad import FullGradients, full_gradients_for
@@ -96,18 +97,28 @@ class Setup:
         return self.config.optimizer.lr_unet * factor
 
     def micro_batch(self, step: int, micro: int) -> dict[str, Any]:
-        """Micro-batch ``micro`` of ``step``: sample ``k`` is item ``perm(k // n)[k % n]`` (epochs)."""
+        """Micro-batch ``micro`` of ``step``: sample ``k`` is item ``perm(k // n)[k % n]`` (epochs);
+        with buckets, the global batch is batch ``b`` of its epoch's bucketed plan."""
         t = self.config.train
         n = len(self.dataset)
         # the global batch (batch_size x processes) comes from one seeded stream; this process
         # takes its share of it (mixofshow/train/distributed.py)
         acc = self.accelerator
         global_batch = t.batch_size * acc.num_processes
+        b = step * t.gradient_accumulation_steps + micro  # global batch counter
+        bucketed = None
+        if self.dataset.buckets:  # one bucket per global batch; the epoch's plan is seeded by the epoch
+            bucket_of = self.dataset.bucket_of()
+            epoch, at = divmod(b, batches_per_epoch(bucket_of, global_batch))
+            bucketed = epoch_batches(bucket_of, global_batch, seeded(self.config.seed, 5, epoch))[at]
         indices, generators, noise = [], [], []
         for j in batch_share(t.batch_size, acc.process_index):
-            k = (step * t.gradient_accumulation_steps + micro) * global_batch + j  # sample counter
-            perm = torch.randperm(n, generator=seeded(self.config.seed, 1, k // n))
-            indices.append(int(perm[k % n]))
+            k = b * global_batch + j  # sample counter
+            if bucketed is not None:
+                indices.append(bucketed[j])
+            else:
+                perm = torch.randperm(n, generator=seeded(self.config.seed, 1, k // n))
+                indices.append(int(perm[k % n]))
             generators.append(seeded(self.config.seed, 2, k))
             noise.append(seeded(self.config.seed, 4, k))
         batch = collate([self.dataset.get(i, g) for i, g in zip(indices, generators)])
@@ -119,6 +130,11 @@ class Setup:
         embedding = self.model.embedding_parameter()
         embedding.requires_grad_(False)
         embedding.grad = None
+
+
+def bucket_step(pipe) -> int:
+    """The pixel multiple a training size must be: the VAE's factor times the UNet's downsampling."""
+    return pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.down_block_types) - 1)
 
 
 def build_run(config: TrainConfig, accelerator: Accelerator) -> Setup:
@@ -150,6 +166,7 @@ def build_run(config: TrainConfig, accelerator: Accelerator) -> Setup:
         shuffle_tags=config.data.shuffle_tags,
         flip_p=config.data.flip_p,
         use_masks=config.data.use_masks,
+        buckets=bucket_sizes(config.data.resolution, bucket_step(pipe)) if config.data.buckets else None,
         **({} if config.data.templates else {"templates": None}),
     )
     components = {"text_encoder": pipe.text_encoder, "unet": pipe.unet}

@@ -34,6 +34,7 @@ class DataConfig:
     shuffle_tags: bool = True  # shuffle caption tags, keeping the first
     flip_p: float = 0.5  # horizontal-flip probability
     templates: bool = True  # wrap captions in "a photo of a {}"-style templates
+    buckets: bool = False  # aspect-ratio bucketing: each image at its own shape, area <= resolution^2 (no crop, no padding)
 
 
 @dataclass
