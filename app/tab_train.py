@@ -26,6 +26,37 @@ from mixofshow.utils.io import atomic_write_text
 __all__ = ["HP_SLOTS", "build_train_tab", "form_to_config"]
 
 HP_SLOTS = 8  # hyper-parameter fields (the registry's optimizers have at most 5)
+# the "Training options" fields: config keys, each shown with its dataclass default and type
+OPTION_KEYS = ("train.lr_schedule", "train.warmup_steps", "train.mixed_precision", "train.gradient_checkpointing",
+               "train.noise_offset", "data.flip_p", "data.buckets")
+
+
+def option_fields() -> dict[str, tuple[Any, Any]]:
+    """``{key: (default, type)}`` of :data:`OPTION_KEYS`, read from the config dataclasses."""
+    import dataclasses
+    import typing
+
+    from mixofshow.train.config import DataConfig, TrainLoopConfig
+
+    sections = {"train": TrainLoopConfig, "data": DataConfig}
+    out = {}
+    for key in OPTION_KEYS:
+        section, name = key.split(".")
+        cls = sections[section]
+        field = next(f for f in dataclasses.fields(cls) if f.name == name)
+        out[key] = (field.default, typing.get_type_hints(cls)[name])
+    return out
+
+
+def _option_component(key: str, default: Any, kind: Any):
+    import typing
+
+    label = f"{key} (default {default})"
+    if typing.get_origin(kind) is typing.Literal:
+        return gr.Dropdown(list(typing.get_args(kind)), value=default, label=label)
+    if kind is bool:
+        return gr.Checkbox(default, label=key)
+    return gr.Number(default, label=label, precision=0 if kind is int else None)
 SOURCES = ("shipped concept", "upload", "concept list file")
 
 
@@ -96,7 +127,7 @@ def _hp_values(name: str, texts: list[str]) -> dict[str, Any]:
 def form_to_config(base: dict[str, Any] | None, concept_list: str, name: str, words: str, class_word: str,
                    base_model: str, resolution, optimizer: str, params: dict[str, Any], rank, steps, batch,
                    lr_unet, lr_text, lr_emb, checkpoint_every, validation_every, prompts: str,
-                   model_roots: list[Path] | None = None) -> dict[str, Any]:
+                   model_roots: list[Path] | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The training YAML (as a dict) for the form's values on top of ``base``; a base model given as
     a path must lie inside one of ``model_roots`` (the runs folder and ``--models-dir``)."""
     data = copy.deepcopy(base or base_config())
@@ -134,6 +165,10 @@ def form_to_config(base: dict[str, Any] | None, concept_list: str, name: str, wo
     lines = [p.strip() for p in prompts.splitlines() if p.strip()]
     if lines:
         v["prompts"], v["prompts_file"] = lines, None
+    for key, value in (options or {}).items():  # "Training options", by config key; empty: the default
+        if value is not None and value != "":
+            section, name = key.split(".")
+            data.setdefault(section, {})[name] = value
     data.pop("output_dir", None)  # the app chooses the run folder
     from mixofshow.train.config import TrainConfig
     from mixofshow.utils.config import from_dict
@@ -185,6 +220,10 @@ def build_train_tab(ctx: AppContext) -> None:
                 validation_every = gr.Number(20, label="Validate every (0: end, -1: never)", precision=0)
             prompts = gr.Textbox("a photo of <robot1> <robot2>", lines=2,
                                  label="Validation prompts (one per line)")
+            with gr.Accordion("Training options", open=False):
+                with gr.Row():
+                    options = {key: _option_component(key, default, kind)
+                               for key, (default, kind) in option_fields().items()}
             preset_base = gr.State(None)
             with gr.Accordion("Presets (the YAML `mixofshow train` takes)", open=False):
                 with gr.Row():
@@ -232,13 +271,14 @@ def build_train_tab(ctx: AppContext) -> None:
         return listed
 
     def collect(base, src, shipped_name, imgs, caps, msks, listed, *values):
-        form_values, hp_texts = values[: len(form)], values[len(form):]
+        form_values, hp_texts = values[: len(form)], values[len(form): len(form) + len(hp)]
+        chosen = dict(zip(options, values[len(form) + len(hp):]))  # by config key
         params = _hp_values(form_values[5], list(hp_texts))
         roots = [ctx.runs_dir] + ([ctx.models_dir] if ctx.models_dir is not None else [])
         return form_to_config(base, resolve_concept(src, shipped_name, imgs, caps, msks, listed), *form_values[:5],
-                              form_values[5], params, *form_values[6:], model_roots=roots)
+                              form_values[5], params, *form_values[6:], model_roots=roots, options=chosen)
 
-    inputs = [preset_base, source, concept, images, captions, masks, concept_list, *form, *hp]
+    inputs = [preset_base, source, concept, images, captions, masks, concept_list, *form, *hp, *options.values()]
 
     def on_submit(*values):
         data = collect(*values)
@@ -282,9 +322,11 @@ def build_train_tab(ctx: AppContext) -> None:
                    t.get("max_steps", 1000), t.get("batch_size", 1), o.get("lr_unet", 1e-4),
                    o.get("lr_text_encoder", 1e-5), o.get("lr_embedding", 1e-3), t.get("checkpoint_every", 100),
                    v.get("every", 0), "\n".join(v.get("prompts", []))]
-        return updates + _hp_updates(o.get("name", "adamw"), o.get("params") or {})
+        chosen = [data.get(key.split(".")[0], {}).get(key.split(".")[1], default)
+                  for key, (default, _) in option_fields().items()]
+        return updates + _hp_updates(o.get("name", "adamw"), o.get("params") or {}) + chosen
 
-    fill_outputs = [preset_base, source, concept, concept_list, *form, *hp]
+    fill_outputs = [preset_base, source, concept, concept_list, *form, *hp, *options.values()]
     preset_file.upload(fill_from, preset_file, fill_outputs, api_name="train_load_preset_file")
     load_preset.click(lambda n: fill_from(presets_dir / f"{n}.yaml"), preset_pick, fill_outputs, api_name="train_load_preset")
 

@@ -95,8 +95,11 @@ def test_user_errors_are_messages_not_tracebacks(server):
     with pytest.raises(AppError, match="concept words 'robot1': expected words like &lt;robot1&gt; &lt;robot2&gt;"):
         client.predict(*args, api_name="/train_submit")
     args = train_args("bad-base", 4)
-    args[9] = "/no/such/model.safetensors"  # refused at submit, not later in the worker
-    with pytest.raises(AppError, match="base model: /no/such/model.safetensors: no such file or folder"):
+    args[9] = "/no/such/model.safetensors"  # a path outside the runs folder and --models-dir
+    with pytest.raises(AppError, match="must lie inside the runs folder or the app's --models-dir"):
+        client.predict(*args, api_name="/train_submit")
+    args[9] = str(server.runs_dir / "missing.safetensors")  # refused at submit, not later in the worker
+    with pytest.raises(AppError, match="missing.safetensors: no such file or folder"):
         client.predict(*args, api_name="/train_submit")
     with pytest.raises(AppError, match="not inside the app's runs folder"):
         client.predict("/etc/passwd", "x", "", 0, 1, 2, 7.5, "dpm", 1.0, "", api_name="/sample_submit")

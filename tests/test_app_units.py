@@ -441,3 +441,24 @@ def test_a_sample_job_shows_its_eta():
         "phase": "sampling", "done": 2, "total": 8, "seconds_per_image": 1.5, "eta": 9.0}, position=1, device="cpu",
         run_dir="/r", resume=False, error=None, worker_pid=None, created=0.0, started=1.0, finished=None)
     assert "sampling: 2 / 8 images · 2s/image · ETA 9s" in job_summary(job)  # fmt_seconds rounds 1.5 s
+
+
+def test_training_options_come_from_the_config_dataclasses_and_reach_the_yaml():
+    from app.tab_train import OPTION_KEYS, base_config, form_to_config, option_fields
+    from mixofshow.train.config import TrainLoopConfig
+
+    fields = option_fields()
+    assert tuple(fields) == OPTION_KEYS
+    assert fields["train.noise_offset"][0] == TrainLoopConfig().noise_offset  # defaults are not typed again
+    assert fields["data.buckets"] == (False, bool)
+    form = ["run", "<robot1> <robot2>", "robot", "embedded", 64, "adamw", {}, 4, 2, 1, 1e-4, 1e-5, 1e-3, 1, -1, ""]
+    chosen = {"train.mixed_precision": "bf16", "train.gradient_checkpointing": True, "data.buckets": True,
+              "train.noise_offset": None}
+    config = form_to_config(base_config(), "c.json", *form, options=chosen)
+    assert config["train"]["mixed_precision"] == "bf16" and config["train"]["gradient_checkpointing"] is True
+    assert config["data"]["buckets"] is True
+    assert config["train"].get("noise_offset") == base_config()["train"].get("noise_offset")  # empty: unchanged
+    from app.errors import UserError
+
+    with pytest.raises(UserError, match="mixed_precision"):
+        form_to_config(base_config(), "c.json", *form, options={"train.mixed_precision": "fp8"})
