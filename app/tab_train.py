@@ -18,6 +18,7 @@ import yaml
 
 from app.context import AppContext, base_model_choices, job_choices, job_summary, unique_name
 from app.errors import UserError
+from app.tab_dataset import build_dataset_panel
 from app.runs import confined, images_of
 from app.uploads import UploadError, save_concept_upload
 from mixofshow.demo import repo_root
@@ -196,6 +197,7 @@ def build_train_tab(ctx: AppContext) -> None:
                 captions = gr.File(file_count="multiple", file_types=[".txt"], label="Captions (optional; NAME.txt, <TOK> = the concept)")
                 masks = gr.File(file_count="multiple", file_types=["image"], label="Masks (optional; NAME.png, white = subject)")
             concept_list = gr.Textbox(label="Concept-list JSON on the server", visible=False)
+            build_dataset_panel(ctx, [images, captions, masks], source, concept_list, SOURCES[2])
             with gr.Row():
                 name = gr.Textbox(example["name"], label="Run name")
                 words = gr.Textbox(" ".join(example["concept"]["words"]), label="Concept words")

@@ -319,3 +319,45 @@ def test_sample_with_a_t2i_adapter_condition(server, tmp_path):
     _, bad_id = client.predict(*args, str(folder), handle_file(str(small)), 1.0, api_name="/sample_submit")
     info = wait_for(client, bad_id, lambda j: j["state"] in ("done", "failed"))
     assert info["state"] == "failed" and "condition image is 64 x 64 (w x h), the output is 128 x 128" in info["error"]
+
+
+def test_dataset_panel_edits_captions_masks_and_images(server, tmp_path):
+    """Store an upload as a dataset, see it, edit and template captions, add and remove images, train on it."""
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+    from PIL import Image
+
+    files = []
+    for name, colour in (("one", "red"), ("two", "blue")):
+        Image.new("RGB", (32, 32), colour).save(tmp_path / f"{name}.png")
+        files.append(handle_file(str(tmp_path / f"{name}.png")))
+    (tmp_path / "masks").mkdir()
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    mask.save(tmp_path / "masks" / "one.png")
+    client = server.client()
+    stored, gallery, table = client.predict(files, None, [handle_file(str(tmp_path / "masks" / "one.png"))],
+                                            api_name="/dataset_store")
+    folder = stored if isinstance(stored, str) else stored["value"]
+    assert Path(folder).parent == server.runs_dir.resolve() / "uploads" and len(gallery) == 2
+    assert [row[1] for row in table["data"]] == ["<TOK>", "<TOK>"]
+    edited = {"headers": ["image", "caption"], "data": [["one", "<TOK>, red"], ["two", "<TOK>, blue, waving"]],
+              "metadata": None}
+    _, table = client.predict(folder, edited, api_name="/dataset_save_captions")
+    assert (Path(folder) / "caption" / "two.txt").read_text() == "<TOK>, blue, waving\n"
+    _, table = client.predict(folder, "<TOK>, {class_word}, full body", "robot", api_name="/dataset_template")
+    assert [row[1] for row in table["data"]] == ["<TOK>, robot, full body"] * 2
+    with pytest.raises(AppError, match="inside the app's --models-dir"):
+        client.predict(folder, "/some/where/blip", api_name="/dataset_model_captions")
+    Image.new("RGB", (32, 48), "green").save(tmp_path / "three.png")
+    _, table, _ = client.predict(folder, [handle_file(str(tmp_path / "three.png"))], api_name="/dataset_add")
+    assert len(table["data"]) == 3
+    with pytest.raises(AppError, match="tick 'yes, remove it'"):
+        client.predict(folder, "one", False, api_name="/dataset_remove")
+    _, table, _ = client.predict(folder, "one", True, api_name="/dataset_remove")
+    assert [row[0] for row in table["data"]][1] == "two" and len(table["data"]) == 2
+    assert not (Path(folder) / "image" / "one.png").exists() and not (Path(folder) / "mask" / "one.png").exists()
+    source, concept_list = client.predict(folder, api_name="/dataset_use")
+    assert source["value"] == "concept list file" and concept_list == str(Path(folder) / "concept.json")
+    with pytest.raises(AppError, match="pick a stored upload"):
+        client.predict("/etc", api_name="/dataset_open")
