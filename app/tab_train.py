@@ -18,8 +18,8 @@ import yaml
 
 from app.context import AppContext, base_model_choices, job_choices, job_summary, unique_name
 from app.errors import UserError
-from app.tab_dataset import build_dataset_panel
 from app.runs import confined, images_of
+from app.tab_dataset import build_dataset_panel
 from app.uploads import UploadError, save_concept_upload
 from mixofshow.demo import repo_root
 from mixofshow.utils.io import atomic_write_text
@@ -58,6 +58,8 @@ def _option_component(key: str, default: Any, kind: Any):
     if kind is bool:
         return gr.Checkbox(default, label=key)
     return gr.Number(default, label=label, precision=0 if kind is int else None)
+
+
 SOURCES = ("shipped concept", "upload", "concept list file")
 
 
@@ -268,9 +270,11 @@ def build_train_tab(ctx: AppContext) -> None:
                 return str(save_concept_upload(imgs, caps, msks, ctx.runs_dir / "uploads"))
             except UploadError as err:
                 raise UserError(str(err)) from None
-        if not listed or not Path(listed).is_file():
-            raise UserError(f"concept list {listed!r}: no such file on the server")
-        return listed
+        real = confined(ctx.runs_dir, listed) if listed else None  # never a file outside the runs folder
+        if real is None or not real.is_file():
+            raise UserError(f"concept list {listed!r}: no such file inside the app's runs folder "
+                            "(store an upload as a dataset, or put the concept folder under the runs folder)")
+        return str(real)
 
     def collect(base, src, shipped_name, imgs, caps, msks, listed, *values):
         form_values, hp_texts = values[: len(form)], values[len(form): len(form) + len(hp)]

@@ -359,5 +359,15 @@ def test_dataset_panel_edits_captions_masks_and_images(server, tmp_path):
     assert not (Path(folder) / "image" / "one.png").exists() and not (Path(folder) / "mask" / "one.png").exists()
     source, concept_list = client.predict(folder, api_name="/dataset_use")
     assert source["value"] == "concept list file" and concept_list == str(Path(folder) / "concept.json")
+    # the form trains on it; a concept list outside the runs folder is refused
+    args = train_args("from-dataset", 2)
+    args[0], args[5] = "concept list file", concept_list  # source, concept-list field
+    _, job_id = client.predict(*args, api_name="/train_submit")
+    assert job(client, job_id)["config"]["train"]["data"]["concept_list"] == concept_list
+    outside = tmp_path / "concept.json"
+    outside.write_text("[]")
+    args[5] = str(outside)
+    with pytest.raises(AppError, match="no such file inside the app's runs folder"):
+        client.predict(*args, api_name="/train_submit")
     with pytest.raises(AppError, match="pick a stored upload"):
         client.predict("/etc", api_name="/dataset_open")
