@@ -145,6 +145,7 @@ def _missing_message(name: str, tag: str, cfg: dict[str, Any], cache_dir: str | 
         cache = cache_dir or "~/.cache/clip"
         ways.append(f"download {cfg['url']} to {cache}/{os.path.basename(cfg['url'])}")
     ways.append("pass the downloaded file with --clip-weights FILE (Python: ClipSpec(weights=FILE))")
+    ways.append("for images of the toy world (base model toyworld), score offline with --clip toyworld")
     return f"CLIP weights {name}/{tag} are not available ({why}): " + "; or ".join(ways)
 
 
