@@ -1,7 +1,8 @@
 """The toy world's quality floors, measured on held-out scenes and prompts (``mixofshow pretrain --check``).
 
 - VAE: PSNR of reconstructions of ``test`` scenes;
-- evaluation CLIP: zero-shot accuracy per attribute on one-object ``test`` renderings;
+- evaluation CLIP: zero-shot accuracy per attribute on one-object ``test`` renderings (held-out
+  compositions; the floor is judged here), and on ``val`` renderings (held-out scenes) beside;
 - base model: samples for held-out prompts (the captions of one-object ``test`` scenes, each with a
   (class, colour, background) triple the UNet never saw), 25 DPM-Solver steps, CFG 7.5, judged
   per attribute by the evaluation CLIP (choosing among captions that differ in that attribute,
@@ -75,7 +76,7 @@ def sample_grid(pipe, prompts: list[str], path: Path, seeds: int = 4, seed: int 
 
 
 def check_floors(weights_dir: Path, test: Split, samples: int = 200, seed: int = 0,
-                 grid_path: Path | None = None) -> dict:
+                 grid_path: Path | None = None, val: Split | None = None) -> dict:
     """Measure every floor; returns ``{"measured": ..., "floors": FLOORS, "passed": {...}}``."""
     from mixofshow.evaluate.clip import ClipSpec, load_clip
     from mixofshow.models.pretrained import build_toyworld_pipeline, load_weights, toyworld_manifest
@@ -95,7 +96,9 @@ def check_floors(weights_dir: Path, test: Split, samples: int = 200, seed: int =
     with torch.no_grad():
         x, _ = test.batch(np.arange(min(len(test), 500)))
         measured["vae_psnr_test"] = psnr(pipe.vae, x)
-        measured["clip_zero_shot"] = zero_shot(eval_towers, test, limit=500)
+        measured["clip_zero_shot"] = zero_shot(eval_towers, test, limit=500)  # held-out compositions
+        if val is not None:  # held-out scenes of compositions seen in training (reported beside)
+            measured["clip_zero_shot_val"] = zero_shot(eval_towers, val, limit=500)
         measured["judge_on_renderings"] = judge_accuracy(judge, test)
         single = [i for i, s in enumerate(test.scenes) if len(s.objects) == 1][:samples]
         scenes = [test.scenes[i] for i in single]

@@ -210,8 +210,10 @@ def check(work: Path, seed: int, weights_dir: Path | None, samples: int) -> int:
         raise ValueError(f"--samples must be >= 1, got {samples}")
     weights_dir = weights_dir or toyworld_weights_dir()
     manifest = toyworld_manifest(weights_dir)
-    render_split(work / "data", "test", SPLIT_SIZES["test"], manifest["seed"], IMAGE_SIZE)
-    report = check_floors(weights_dir, load_split(work / "data", "test"), samples, seed, GRID_PATH)
+    for split in ("val", "test"):
+        render_split(work / "data", split, SPLIT_SIZES[split], manifest["seed"], IMAGE_SIZE)
+    report = check_floors(weights_dir, load_split(work / "data", "test"), samples, seed, GRID_PATH,
+                          val=load_split(work / "data", "val"))
     manifest["floors"] = {**report, "command": f"mixofshow pretrain --check --samples {samples} --seed {seed}",
                           "grid": str(GRID_PATH.relative_to(_REPO))}
     atomic_write_text(weights_dir / "manifest.json", json.dumps(manifest, indent=1) + "\n")
