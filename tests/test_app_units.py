@@ -137,32 +137,35 @@ def test_region_lines_and_preview():
 
 
 def test_compare_job_stops_on_request_and_resumes(tmp_path, caplog):
-    """A compare job in the worker: "stop" cancels it after a checkpoint; Resume finishes it."""
-    import threading
-    import time
+    """A compare job in the worker: "stop" cancels it after a checkpoint; Resume finishes it.
 
+    The stop arrives at a known point, not by racing the job: the store hands "stop" to the job's
+    fourth request check (one as the comparison starts, then one before each training step), so the
+    job stops after 2 steps."""
     from app.tab_compare import compare_request
     from app.worker import run_job
 
-    store = JobStore(tmp_path / "jobs.sqlite")
+    class StopOnFourthCheck(JobStore):
+        checks = 0
+
+        def take_commands(self, job_id):
+            StopOnFourthCheck.checks += 1
+            return ["stop"] if StopOnFourthCheck.checks == 4 else super().take_commands(job_id)
+
+    store = StopOnFourthCheck(tmp_path / "jobs.sqlite")
     request = compare_request("shipped concept", "robot", None, "", 64, ["adamw"], "0", 20, "", 1, 2, 2, "tiny", "",
                               runs_dir=tmp_path)
     assert request["train"]["train"]["checkpoint_every"] == 20 and request["optimizers"] == ["adamw"]
     submitted = store.submit("compare", "c", {"compare": request}, str(tmp_path / "compare" / "c"), "cpu")
     job = store.claim("cpu", os.getpid())
-    worker = threading.Thread(target=run_job, args=(store, job))
-    worker.start()
-    deadline = time.time() + 120
-    while time.time() < deadline and not any(s >= 2 for s, _ in store.get(job.id).progress.get("runs", {}).values()):
-        time.sleep(0.05)
-    store.send(job.id, "stop")
-    worker.join(timeout=120)
+    assert run_job(store, job) == "stopped"
     stopped = store.get(job.id)
     assert stopped.state == "stopped", stopped
     run = next((Path(job.run_dir) / "runs").iterdir())
     before = json.loads((run / "metrics.json").read_text())
     steps_at_stop = before["steps"]
-    assert 2 <= steps_at_stop < 20
+    assert steps_at_stop == 2
+    store = JobStore(tmp_path / "jobs.sqlite")
     store.resume(submitted.id)
     again = store.claim("cpu", os.getpid())
     with caplog.at_level("INFO", logger="mixofshow.train.loop"):
