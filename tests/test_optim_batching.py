@@ -56,8 +56,13 @@ def test_groups_with_their_own_hyperparameters_batch_like_separate_optimizers(na
     make, grads, key = (make_triples, set_triple_grads, "triples") if usv else (make_pairs, set_grads, "pairs")
     tuples, targets = make(MIXED, seed=21)
     twins = [tuple(x.detach().clone().requires_grad_() for x in f) for f in tuples]
-    extra = {"weight_decay": 0.1} if usv else {"damping": 1e-3} if name.startswith("adams") else {}
-    groups = [{key: tuples[:3], "lr": 0.02}, {key: tuples[3:], "lr": 0.05, "betas": (0.8, 0.99), **extra}]
+    # the second group changes hyper-parameters this optimizer reads per group (a key it does not
+    # read is an error; AdamS and LRACS take no weight decay at all)
+    own = {"betas": (0.8, 0.99), "beta": 0.8, "beta1": 0.8, "damping": 1e-3, "weight_decay": 0.1}
+    takes = build_optimizer(name, [{key: tuples[:1]}]).defaults
+    extra = {k: v for k, v in own.items() if k in takes}
+    assert len(extra) >= 2, extra
+    groups = [{key: tuples[:3], "lr": 0.02}, {key: tuples[3:], "lr": 0.05, **extra}]
     separate = [build_optimizer(name, [{**group, key: twins[:3] if i == 0 else twins[3:]}])
                 for i, group in enumerate(groups)]  # fmt: skip
     together = build_optimizer(name, groups)
@@ -71,6 +76,15 @@ def test_groups_with_their_own_hyperparameters_batch_like_separate_optimizers(na
     for f, g in zip(tuples, twins):
         for x, y in zip(f, g):
             close(x.detach(), y.detach(), 1e-10)
+
+
+@pytest.mark.parametrize("name", ["adams", "lracs", "stella"])
+def test_a_group_key_the_optimizer_does_not_take_is_an_error(name):
+    usv = name == "stella"
+    make, key = (make_triples, "triples") if usv else (make_pairs, "pairs")
+    tuples, _ = make(MIXED, seed=3)
+    with pytest.raises(ValueError, match=r"unknown hyper-parameter\(s\) \['betaz'\]; it takes \["):
+        build_optimizer(name, [{key: tuples, "lr": 0.01, "betaz": (0.9, 0.99)}])
 
 
 def test_allocator_tuning_is_accepted_by_glibc_and_a_no_op_elsewhere():

@@ -140,6 +140,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
     """
 
     group_key: ClassVar[str] = "pairs"
+    group_facts: ClassVar[tuple[str, ...]] = ()  # group keys read besides the hyper-parameters (set by the builder)
     needs_full_grad: ClassVar[bool] = False
     full_grad_energies_only: ClassVar[bool] = False
     full_grads: FullGradients | None = None
@@ -162,6 +163,15 @@ class LoRAOptimizer(torch.optim.Optimizer):
             group["params"] = [t for f in factors for t in f]
             flat_groups.append(group)
         defaults.setdefault("scale", 1.0)
+        # a key this optimizer does not read would be ignored silently (a typo, or another
+        # optimizer's hyper-parameter): refuse it, naming the ones it takes
+        allowed = set(defaults) | {"params", "lr", "scale", "name"} | set(self.group_facts)
+        for i, group in enumerate(flat_groups):
+            unknown = sorted(set(group) - allowed)
+            if unknown:
+                known = sorted(set(defaults) - {"scale"})
+                raise ValueError(f"Param group {i} of {type(self).__name__}: unknown hyper-parameter(s) {unknown}; "
+                                 f"it takes {known}")
         super().__init__(flat_groups, defaults)
 
     @classmethod

@@ -159,6 +159,8 @@ class StelLA(LoRAOptimizer):
 
     group_key = "triples"
 
+    group_facts = ("hidden_size",)  # the text encoder's width, for grad_scaling
+
     def __init__(
         self,
         groups,
