@@ -28,7 +28,12 @@ def export_concept(ctx: AppContext, concept: Path, fmt: str) -> list[str]:
     out = concept.parent / "exports" / f"{concept.stem}.{fmt}.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
     lora, emb = (export_diffusers_lora if fmt == "diffusers" else export_kohya_lora)(concept, out)
-    return [str(p) for p in (lora, emb) if p is not None]
+    files = [lora, emb]
+    if fmt == "kohya" and emb is not None:  # A1111 / ComfyUI: the LoRA and a textual-inversion embedding
+        from mixofshow.concepts.export import export_textual_inversion, textual_inversion_path
+
+        files.append(export_textual_inversion(concept, textual_inversion_path(lora, concept)))
+    return [str(p) for p in files if p is not None]
 
 
 def build_runs_tab(ctx: AppContext):
@@ -46,6 +51,10 @@ def build_runs_tab(ctx: AppContext):
             with gr.Row():
                 confirm = gr.Checkbox(False, label="yes, delete this run's folder")
                 delete_btn = gr.Button("Delete run", variant="stop", size="sm")
+            gr.Markdown("**kohya** gives three files: the LoRA (A1111: `models/Lora`, ComfyUI: `models/loras`), "
+                        "`<word>_edlora.safetensors`, a textual-inversion embedding of the concept words with the "
+                        "layer-wise tokens averaged (A1111: `embeddings/`, ComfyUI: `models/embeddings`; its file "
+                        "name is the trigger word), and the layer-wise embeddings only this package reads.")
             files = gr.File(label="Files", file_count="multiple", interactive=False)
         with gr.Column():
             config = gr.Code(label="Config", language="yaml")

@@ -84,7 +84,7 @@ def test_train_stop_resume_sample_and_export(server):
     assert str(robot_run) in listed and info["run_dir"] in listed, listed  # the trained run and the samples
     files = client.predict(str(robot_run), "kohya", api_name="/runs_export")
     names = sorted(Path(f).name for f in files)
-    assert names == ["robot.kohya.embeddings.safetensors", "robot.kohya.safetensors"], names
+    assert names == ["robot.kohya.embeddings.safetensors", "robot.kohya.safetensors", "robot_edlora.safetensors"], names
 
 
 def test_user_errors_are_messages_not_tracebacks(server):

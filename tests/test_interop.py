@@ -209,7 +209,19 @@ def test_cli_export_and_import(concept_path, embedded_pipeline_factory, tmp_path
         out = tmp_path / f"{fmt}.safetensors"
         assert main(["export", str(concept_path), "--format", fmt, "--output", str(out)]) == 0
         assert out.is_file() and embeddings_path(out).is_file()
-    assert "embeddings" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "embeddings" in printed and "A1111:" in printed and "ComfyUI:" in printed
+    # kohya's export also writes the A1111 / ComfyUI textual inversion: one vector per word, the
+    # mean of its layer-wise vectors, under the key those tools read
+    from safetensors.torch import load_file
+
+    concept = load_concept(concept_path)
+    ti_files = list(tmp_path.glob("*_edlora.safetensors"))
+    assert len(ti_files) == 1 and ti_files[0].stem in printed
+    ti = load_file(ti_files[0])["emb_params"]
+    expected = torch.stack([concept.embeddings[w].float().mean(0) for w in concept.meta.words])
+    assert ti.shape == (len(concept.meta.words), concept.meta.text_dim)
+    assert torch.allclose(ti.float(), expected, atol=1e-2)  # stored in fp16
 
     pth = tmp_path / "potter.pth"
     torch.save({"params": _original_state(embedded_pipeline_factory())}, pth)

@@ -72,6 +72,15 @@ def run_export(args) -> int:
     print(f"wrote {args.format} LoRA: {lora_path}")
     if emb_path is not None:
         print(f"wrote layer-wise embeddings (not loadable by plain {args.format}): {emb_path}")
+    if args.format == "kohya" and concept.embeddings:
+        from mixofshow.concepts.export import export_textual_inversion, textual_inversion_path
+
+        ti = export_textual_inversion(concept, textual_inversion_path(lora_path, concept))
+        print(f"wrote an A1111 / ComfyUI textual-inversion embedding (layer-wise tokens averaged): {ti}")
+        print(f"  A1111: {lora_path.name} into models/Lora, {ti.name} into embeddings/; prompt "
+              f"'a photo of {ti.stem} <lora:{lora_path.stem}:1>'")
+        print(f"  ComfyUI: {lora_path.name} into models/loras (LoraLoader), {ti.name} into models/embeddings; "
+              f"prompt 'a photo of embedding:{ti.stem}'")
     return 0
 
 

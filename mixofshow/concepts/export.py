@@ -52,6 +52,8 @@ from mixofshow.utils.io import FileFormatError, save_safetensors
 __all__ = [
     "EMBEDDINGS_FORMAT",
     "embeddings_path",
+    "export_textual_inversion",
+    "textual_inversion_path",
     "export_diffusers_lora",
     "export_kohya_lora",
     "import_mixofshow_pth",
@@ -389,3 +391,31 @@ def export_kohya_lora(
     save_safetensors(path, tensors, {**kohya_meta, **_common_meta(concept, "kohya", emb_path)})
     log.info("wrote kohya LoRA %s (%d layers)", path, len(concept.lora))
     return path, emb_path
+
+
+def textual_inversion_path(path: str | os.PathLike, concept: ConceptFile) -> Path:
+    """Where the A1111 / ComfyUI embedding of an export goes: ``<concept>_edlora.safetensors``
+    beside it; its file name is the trigger word those tools use (``robot_edlora``)."""
+    first = concept.meta.words[0].strip("<>") if concept.meta.words else "concept"
+    return Path(path).with_name(f"{re.sub(r'[^A-Za-z0-9_-]+', '', first.rstrip('0123456789')) or 'concept'}_edlora.safetensors")
+
+
+def export_textual_inversion(concept: ConceptFile | str | os.PathLike, path: str | os.PathLike,
+                             dtype: torch.dtype = torch.float16) -> Path:
+    """An A1111 / ComfyUI textual-inversion embedding of the concept words: ``{"emb_params": (words, dim)}``.
+
+    Those tools give every cross-attention layer the same token, so each word's L layer-wise
+    vectors are collapsed to one: their **mean** (a choice, not an equivalence; the difference it
+    makes to the UNet's prediction is measured by ``bench/ti_collapse.py``). Use it with the LoRA.
+    """
+    concept = _concept(concept)
+    words = concept.meta.words
+    missing = [w for w in words if w not in concept.embeddings]
+    if missing:
+        raise FileFormatError(f"concept has no embedding for {missing}; nothing to write as textual inversion")
+    vectors = torch.stack([concept.embeddings[w].float().mean(0) for w in words])
+    save_safetensors(path, {"emb_params": vectors.to(dtype)}, {
+        "format": "pt", "mixofshow.words": json.dumps(words), "mixofshow.base_model": concept.meta.base_model,
+        "mixofshow.collapse": f"mean of the {concept.meta.num_layers} layer-wise vectors of each word",
+    })
+    return Path(path)
