@@ -31,8 +31,10 @@ def export_concept(ctx: AppContext, concept: Path, fmt: str) -> list[str]:
     files = [lora, emb]
     if fmt == "kohya" and emb is not None:  # A1111 / ComfyUI: the LoRA and a textual-inversion embedding
         from mixofshow.concepts.export import export_textual_inversion, textual_inversion_path
+        from mixofshow.concepts.io import load_concept
 
-        files.append(export_textual_inversion(concept, textual_inversion_path(lora, concept)))
+        loaded = load_concept(concept)
+        files.append(export_textual_inversion(loaded, textual_inversion_path(lora, loaded)))
     return [str(p) for p in files if p is not None]
 
 
