@@ -102,7 +102,6 @@ def run_stage(
     cfg: StageConfig,
     loss: Callable[[int], torch.Tensor],
     evaluate: Callable[[], dict],
-    params: list | None = None,
     max_minutes: float | None = None,
 ) -> dict:
     """Train ``module`` for ``cfg.steps`` from the latest checkpoint in ``folder``; returns metrics.
@@ -112,8 +111,8 @@ def run_stage(
     """
     folder.mkdir(parents=True, exist_ok=True)
     ckpt = folder / "checkpoint.safetensors"
-    groups = params if params is not None else [{"params": [p for p in module.parameters() if p.requires_grad]}]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     ema = Ema(module, cfg.ema)
     metrics = read_metrics(folder)
     start = 0
@@ -126,11 +125,11 @@ def run_stage(
     step = start
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg) * group.get("lr_scale", 1.0)
+            group["lr"] = lr_at(step, cfg)
         value = loss(step)
         opt.zero_grad(set_to_none=True)
         value.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.clip)
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
         opt.step()
         ema.update(module, step)
         bar.set_postfix(loss=f"{value.item():.4f}", refresh=False)
