@@ -72,7 +72,7 @@ def test_base_model_samples_of_held_out_prompts_show_what_the_prompt_says(pipe):
     """Held-out compositions, judged by the ground-truth CNN (no CLIP): class, colour, background,
     position at the issue's floors (the full check: `mixofshow pretrain --check`, 200 prompts)."""
     from mixofshow.models.pretrained import load_weights
-    from mixofshow.toyworld.floors import _uint8, sample_prompts
+    from mixofshow.toyworld.floors import to_uint8, sample_prompts
     from mixofshow.toyworld.judge import Judge, judge_accuracy
 
     judge = Judge()
@@ -81,7 +81,7 @@ def test_base_model_samples_of_held_out_prompts_show_what_the_prompt_says(pipe):
     one_object = [s for s in split.scenes if len(s.objects) == 1][:80]
     pipe.set_progress_bar_config(disable=True)
     images = sample_prompts(pipe, [s.caption for s in one_object], seed=1000)
-    judged = judge_accuracy(judge.eval(), Split(_uint8(images), one_object), limit=len(one_object))
+    judged = judge_accuracy(judge.eval(), Split(to_uint8(images), one_object), limit=len(one_object))
     for attribute, floor in FLOORS["samples"].items():
         assert judged[attribute] >= floor, (attribute, judged)
 

@@ -6,9 +6,8 @@
 - base model: samples for held-out prompts (the captions of one-object ``test`` scenes, each with a
   (class, colour, background) triple the UNet never saw), 25 DPM-Solver steps, CFG 7.5, judged
   per attribute by the evaluation CLIP (choosing among captions that differ in that attribute,
-  ``world.attribute_variants``) and,
-  independently of any CLIP, by the ground-truth CNN ``judge``; renderings of the same prompts are
-  judged too, as the ceiling each judge allows.
+  ``world.attribute_variants``) and, independently of any CLIP, by the ground-truth CNN
+  ``judge``; the judge's accuracy on ``test`` renderings is reported beside, as its ceiling.
 
 Nothing here is trained on: ``test`` is disjoint from the training scenes and triples.
 """
@@ -24,7 +23,7 @@ from PIL import Image
 
 from mixofshow.toyworld.data import Split
 
-__all__ = ["FLOORS", "check_floors", "sample_grid"]
+__all__ = ["FLOORS", "check_floors", "sample_grid", "sample_prompts", "to_uint8"]
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +36,7 @@ FLOORS = {
 GUIDANCE, STEPS = 7.5, 25
 
 
-def _uint8(images: torch.Tensor) -> np.ndarray:
+def to_uint8(images: torch.Tensor) -> np.ndarray:
     """Images in [-1, 1] (B x 3 x H x W) as B x H x W x 3 uint8, as a judge reads renderings."""
     return ((images.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
 
@@ -45,7 +44,7 @@ def _uint8(images: torch.Tensor) -> np.ndarray:
 def _clip_judge(towers, images: torch.Tensor, scenes) -> dict[str, float]:
     from mixofshow.toyworld.clips import zero_shot
 
-    return zero_shot(towers, Split(_uint8(images), list(scenes)), limit=len(scenes))
+    return zero_shot(towers, Split(to_uint8(images), list(scenes)), limit=len(scenes))
 
 
 @torch.no_grad()
@@ -68,7 +67,7 @@ def sample_grid(pipe, prompts: list[str], path: Path, seeds: int = 4, seed: int 
     ``scale`` times (nearest neighbour, so the pixels stay what the model drew)."""
     from mixofshow.sample.grid import save_grid
 
-    images = _uint8(sample_prompts(pipe, [p for p in prompts for _ in range(seeds)], seed, per_prompt=seeds))
+    images = to_uint8(sample_prompts(pipe, [p for p in prompts for _ in range(seeds)], seed, per_prompt=seeds))
     cells = [Image.fromarray(im).resize((im.shape[1] * scale, im.shape[0] * scale), Image.Resampling.NEAREST)
              for im in images]
     rows = [cells[i * seeds : (i + 1) * seeds] for i in range(len(prompts))]
@@ -105,7 +104,7 @@ def check_floors(weights_dir: Path, test: Split, samples: int = 200, seed: int =
         log.info("check: sampling %d held-out prompts", len(scenes))
         images = sample_prompts(pipe, [s.caption for s in scenes], seed)
         measured["samples_clip"] = _clip_judge(eval_towers, images, scenes)
-        judged = judge_accuracy(judge, Split(_uint8(images), scenes), limit=len(scenes))
+        judged = judge_accuracy(judge, Split(to_uint8(images), scenes), limit=len(scenes))
         judged.pop("box_iou")  # a sample's object is not where the prompt's rendering put it
         measured["samples_judge"] = judged
         measured["samples"] = {k: min(measured["samples_clip"][k], measured["samples_judge"][k])
