@@ -30,6 +30,8 @@ def main(path: str) -> None:
             return limit is not None and polls["n"] > limit
 
         train(load_train_config(EXAMPLE, job["overrides"]), should_stop=should_stop, resume=job.get("resume", False))
+    if torch.distributed.is_initialized():  # an orderly teardown of gloo before the process exits
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

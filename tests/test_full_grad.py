@@ -291,6 +291,9 @@ _WORKER = textwrap.dedent(
     if accelerator.is_main_process:
         torch.save([full.grad(layer.lora_down) for layer in layers], sys.argv[2])
     accelerator.wait_for_everyone()
+    # an orderly teardown: exiting with gloo's threads alive can abort ("terminate called without
+    # an active exception", seen once in a fresh-clone CI run on a loaded machine)
+    torch.distributed.destroy_process_group()
     """
 )
 
