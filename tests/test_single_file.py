@@ -9,7 +9,7 @@ import torch
 
 from mixofshow.models.embedded import build_embedded_pipeline, build_preset_pipeline
 from mixofshow.models.loading import ModelLoadError, load_pipeline
-from mixofshow.models.pretrained import file_sha256
+from mixofshow.utils.io import file_sha256
 from mixofshow.models.single_file import config_folder, save_single_file, to_original_keys
 
 

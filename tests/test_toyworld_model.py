@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from mixofshow.models.pretrained import TOYWORLD_NAME, file_sha256, toyworld_manifest, toyworld_weights_dir
+from mixofshow.models.pretrained import TOYWORLD_NAME, toyworld_manifest, toyworld_weights_dir
+from mixofshow.utils.io import file_sha256
 from mixofshow.toyworld.data import Split
 from mixofshow.toyworld.floors import FLOORS
 from mixofshow.toyworld.world import scene

@@ -16,7 +16,8 @@ from diffusers import StableDiffusionPipeline
 
 from mixofshow.models.embedded import build_embedded_pipeline
 from mixofshow.models.identity import EMBEDDED_ALIASES
-from mixofshow.models.pretrained import TOYWORLD_NAME, build_toyworld_pipeline, file_sha256
+from mixofshow.models.pretrained import TOYWORLD_NAME, build_toyworld_pipeline
+from mixofshow.utils.io import file_sha256
 
 __all__ = ["ModelLoadError", "check_base_model", "load_pipeline", "is_offline", "looks_like_path", "resolve_dtype"]
 

@@ -10,7 +10,6 @@ their manifest (sha256 of each file, the command, seed and measured quality):
 
 from __future__ import annotations
 
-import hashlib
 import json
 from importlib import resources
 from pathlib import Path
@@ -19,10 +18,10 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from mixofshow.models.embedded import build_preset_pipeline
-from mixofshow.utils.io import load_safetensors
+from mixofshow.utils.io import file_sha256, load_safetensors
 
 __all__ = ["TOYWORLD_NAME", "PIPELINE_PARTS", "toyworld_weights_dir", "toyworld_manifest", "build_toyworld_pipeline",
-           "file_sha256"]
+           "load_weights"]
 
 TOYWORLD_NAME = "toyworld"
 PIPELINE_PARTS = ("vae", "text_encoder", "unet")  # the pipeline's trained components
@@ -30,14 +29,6 @@ PIPELINE_PARTS = ("vae", "text_encoder", "unet")  # the pipeline's trained compo
 
 def toyworld_weights_dir() -> Path:
     return Path(str(resources.files("mixofshow.models").joinpath("toyworld", "weights")))
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def toyworld_manifest(folder: Path | None = None) -> dict:

@@ -11,7 +11,6 @@ contact sheets. Every file is written atomically.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -34,7 +33,6 @@ __all__ = [
     "png_bytes",
     "write_index",
     "contact_sheet",
-    "file_sha256",
 ]
 
 INDEX_FORMAT = "mixofshow.samples/1"
@@ -98,11 +96,3 @@ def contact_sheet(paths: Sequence[Path], columns: int | None = None, pad: int = 
         sheet.paste(img, ((n % columns) * (w + pad), (n // columns) * (h + pad)))
     return sheet
 
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file (read in 1 MiB blocks): ties an image to the exact concept it used."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -48,7 +48,8 @@ from mixofshow.concepts.tokens import LayerwiseTextEncoder
 from mixofshow.models.identity import base_model_name, sampling_state, set_lora_scale  # set_lora_scale: re-exported
 from mixofshow.sample.adapters import Condition
 from mixofshow.sample.denoise import BatchSettings, denoise_batch
-from mixofshow.sample.files import INDEX_FORMAT, file_sha256, image_filename, png_bytes, read_png_parameters
+from mixofshow.sample.files import INDEX_FORMAT, image_filename, png_bytes, read_png_parameters
+from mixofshow.utils.io import file_sha256
 from mixofshow.sample.plan import (
     PromptSpec,
     batches,

@@ -112,11 +112,11 @@ def export(work: Path, seed: int, out: Path | None = None, partial: bool = False
     ``partial``: unfinished stages (not the VAE) give the EMA weights of their latest checkpoint."""
     import torch
 
-    from mixofshow.models.pretrained import file_sha256, toyworld_weights_dir
+    from mixofshow.models.pretrained import toyworld_weights_dir
     from mixofshow.toyworld import model
     from mixofshow.toyworld.data import GENERATOR_VERSION
     from mixofshow.toyworld.stage import read_metrics
-    from mixofshow.utils.io import atomic_write_text
+    from mixofshow.utils.io import atomic_write_text, file_sha256
 
     out = out or toyworld_weights_dir()
     files, stages = {}, {}

@@ -11,6 +11,7 @@ the file. Output locations are checked before any work by :mod:`mixofshow.utils.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -25,6 +26,7 @@ from safetensors.torch import save as st_save
 from mixofshow.utils.paths import current_umask, place_error
 
 __all__ = [
+    "file_sha256",
     "atomic_write_bytes",
     "atomic_write_text",
     "read_json",
@@ -50,6 +52,15 @@ def read_json(path: str | os.PathLike, what: str = "", error: type[Exception] = 
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise error(f"{what}{path}: not valid JSON ({err})") from None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file (read in 1 MiB blocks): ties a result to the exact file it used."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
