@@ -1,8 +1,10 @@
-"""``mixofshow demo``: train the shipped example concept briefly on the embedded model, then sample it.
+"""``mixofshow demo``: train the shipped robot on the toy world's base model, then sample it in new scenes.
 
-Runs offline on a CPU in a minute or two. The embedded model has random weights, so its images
-are noise-like: the demo shows the whole path (data -> ED-LoRA training -> concept file ->
-sampling), not image quality. Use a real SD 1.x base model for pictures.
+Runs offline on a CPU in a few minutes (``configs/example.yaml``: base model ``toyworld``, the
+small Stable Diffusion this project pre-trains on a world of known answers, docs/toyworld.md).
+The base model has never seen this robot (the world holds its look out), so what the grid shows
+was learned from the eight training images. The samples are training's end-of-run validation
+samples: one row with the learned embeddings alone (LoRA scale 0), one with the whole concept.
 """
 
 from __future__ import annotations
@@ -21,19 +23,25 @@ def repo_root() -> Path:
 # marks a run folder the demo made: only such a folder is replaced when the demo runs again
 DEMO_MARKER = ".mixofshow-demo"
 # the demo's prompts; the samples are training's end-of-run validation samples
-DEMO_PROMPTS = ["a photo of <robot1> <robot2>", "a photo of <robot1> <robot2> on the beach"]
+DEMO_PROMPTS = [  # scenes in the world's words; the robot was trained alone, never beside another object
+    "a photo of a <robot1> <robot2>, on the beach",
+    "a photo of a <robot1> <robot2>, at night",
+    "a photo of a <robot1> <robot2>, indoor",
+    "a photo of a <robot1> <robot2> and a yellow cat, outdoor, the robot on the left",
+]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="train the example concept on the embedded model and sample it",
-        description="Train the shipped robot concept on the embedded tiny model (offline, CPU, a "
-        "minute or two), then sample it at LoRA scales 0 and 1 into the run folder's samples/.",
+        help="train the example robot on the toy world's base model and sample it in new scenes",
+        description="Train the shipped robot concept on the toy world's base model (offline, CPU, a few "
+        "minutes), then sample it on the beach, at night, indoors and beside a cat, at LoRA scales 0 and 1, "
+        "into the run folder's samples/ (grid.png: one row per scale).",
     )
     p.add_argument("--output-dir", default="runs/demo", help="run folder (default runs/demo)")
     p.add_argument("--optimizer", default="adamw", help="LoRA optimizer (default adamw)")
-    p.add_argument("--max-steps", type=int, default=60, help="training steps (default 60)")
+    p.add_argument("--max-steps", type=int, default=None, help="training steps (default: the config's)")
     p.set_defaults(func=run)
 
 
@@ -46,10 +54,11 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{config_path}: the demo needs the repository checkout (configs/, datasets/)")
     config = load_train_config(
         config_path,
-        {"output_dir": args.output_dir, "optimizer.name": args.optimizer, "train.max_steps": args.max_steps,
+        {"output_dir": args.output_dir, "optimizer.name": args.optimizer,
+         **({"train.max_steps": args.max_steps} if args.max_steps is not None else {}),
          # samples at the end of training, in training's layout: samples/step_N/scale_S + grid.png
          "validation.every": 0, "validation.prompts": DEMO_PROMPTS, "validation.prompts_file": None,
-         "validation.lora_scales": [0.0, 1.0], "validation.num_images": 2, "validation.steps": 20},
+         "validation.lora_scales": [0.0, 1.0], "validation.num_images": 2, "validation.steps": 25},
     )
     check_output_dir(config.output_dir, "--output-dir")
     from mixofshow.train.folder import claim_run_folder

@@ -12,6 +12,7 @@ from PIL import Image
 
 from mixofshow.evaluate import compare
 from mixofshow.optim import get_spec
+from conftest import EMBEDDED
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a photo of <robot1> <robot2>", "<robot1> <robot2> on the beach"]
@@ -24,6 +25,7 @@ def write_config(tmp_path: Path, table: dict | None = None) -> Path:
     data["data"]["concept_list"] = str(ROOT / "datasets" / "concepts" / "robot.json")
     data["validation"]["prompts_file"] = str(ROOT / "datasets" / "prompts" / "robot.txt")
     data["train"].update(batch_size=1, checkpoint_every=2)
+    data["base_model"], data["data"]["resolution"] = EMBEDDED["base_model"], EMBEDDED["data.resolution"]
     if table:
         data["optimizers"] = table
     path = tmp_path / "compare.yaml"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from PIL import Image
 
 from mixofshow.cli import main
@@ -197,3 +198,25 @@ def test_dino_matches_direct_timm(tmp_path, samples, layout):
     expected = (img @ ref.T).mean(-1)
     assert [r["dino"] for r in report["images"]] == pytest.approx(expected.tolist(), abs=1e-5)
     assert report["dino"]["weights"] == str(path) and not any("DINO" in n for n in report["notes"])
+
+
+def test_identity_is_scored_on_toy_world_images_of_a_named_concept(samples):
+    """The robot's own images score ~1 for the robot and ~0 for the cat; images of another model
+    are skipped with a note; images whose prompt names no shipped concept get no score."""
+    folder, refs = samples
+    index = json.loads((folder / "index.json").read_text())
+    robots = sorted((REPO / "datasets" / "concepts" / "robot" / "image").glob("*.jpg"))
+    for entry, src in zip(index["images"], robots):  # 2 prompts x 2 seeds: the robot's images
+        Image.open(src).convert("RGB").resize((64, 64), Image.Resampling.BOX).save(folder / entry["file"])
+    skipped = evaluate(folder, refs, ClipSpec("tiny"), device="cpu")  # base_model: embedded
+    assert skipped["overall"]["identity"]["n"] == 0 and any("identity skipped" in n for n in skipped["notes"])
+    index["base_model"] = "toyworld"
+    index["images"][-1]["prompt"] = "a photo of a robot"  # names no concept: no identity
+    (folder / "index.json").write_text(json.dumps(index))
+    report = evaluate(folder, refs, ClipSpec("tiny"), device="cpu", out=folder / "scores")
+    scores = [row["identity"] for row in report["images"]]
+    assert all(s > 0.9 for s in scores[:3]) and scores[3] is None
+    assert report["overall"]["identity"]["n"] == 3
+    as_cat = evaluate(folder, refs, ClipSpec("tiny"), device="cpu", identity="cat")
+    assert all(row["identity"] < 0.1 for row in as_cat["images"])
+    assert "identity_mean" in (folder / "scores.csv").read_text().splitlines()[0]

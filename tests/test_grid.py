@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import REPO
+from conftest import EMBEDDED, REPO
 from PIL import Image
 
 from mixofshow.sample.grid import image_grid, save_grid
@@ -13,12 +13,22 @@ from mixofshow.sample.grid import image_grid, save_grid
 
 def test_image_grid_places_every_image():
     a, b, c = (Image.new("RGB", (4, 3), colour) for colour in ("red", "green", "blue"))
-    grid = image_grid([[a, b], [c]], pad=1)
+    grid = image_grid([[a, b], [c]], pad=1, min_cell=1)
     assert grid.size == (2 * 4 + 3, 2 * 3 + 3)
     assert grid.getpixel((1, 1)) == (255, 0, 0) and grid.getpixel((6, 1)) == (0, 128, 0)
     assert grid.getpixel((1, 5)) == (0, 0, 255) and grid.getpixel((6, 5)) == (255, 255, 255)  # short row: blank
     with pytest.raises(ValueError, match="no images"):
         image_grid([[]])
+
+
+def test_small_images_are_enlarged_by_a_whole_factor_pixels_as_squares():
+    """64 x 64 toy-world samples are shown at 128 x 128 (nearest neighbour: what the model drew)."""
+    image = Image.new("RGB", (64, 64), "white")
+    image.putpixel((0, 0), (255, 0, 0))
+    grid = image_grid([[image]], pad=0)
+    assert grid.size == (128, 128)
+    assert [grid.getpixel(xy) for xy in ((0, 0), (1, 1), (2, 2))] == [(255, 0, 0)] * 2 + [(255, 255, 255)]
+    assert image_grid([[Image.new("RGB", (512, 512))]], pad=0).size == (512, 512)  # large: unchanged
 
 
 def test_save_grid_writes_a_png(tmp_path):
@@ -31,7 +41,7 @@ def test_validation_writes_a_grid_per_step(tmp_path):
     from mixofshow.train.loop import train
 
     config = load_train_config(REPO / "configs" / "example.yaml", {
-        "output_dir": str(tmp_path / "run"), "train.max_steps": 1, "train.batch_size": 1,
+        **EMBEDDED, "output_dir": str(tmp_path / "run"), "train.max_steps": 1, "train.batch_size": 1,
         "train.checkpoint_every": 0, "validation.every": 0, "validation.prompts": ["a photo of <robot1> <robot2>"],
         "validation.prompts_file": None, "validation.lora_scales": [0.0, 1.0], "validation.num_images": 2,
         "validation.steps": 1,

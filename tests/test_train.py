@@ -13,6 +13,7 @@ from mixofshow.concepts.io import load_concept
 from mixofshow.train.config import load_train_config
 from mixofshow.train.loop import train
 from mixofshow.utils.config import ConfigError
+from conftest import EMBEDDED, EMBEDDED_ARGS
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "configs" / "example.yaml"
@@ -90,7 +91,7 @@ def test_resume_matches_straight_run(tmp_path, small_train_config, checkpoint_we
 def test_cli_train_with_overrides(tmp_path, capsys):
     code = main([
         "train", str(EXAMPLE), "--optimizer", "adamw", "--max-steps", "1", "--output-dir", str(tmp_path / "cli"),
-        "--set", "validation.every=-1", "--set", "train.batch_size=1",
+        "--set", "validation.every=-1", "--set", "train.batch_size=1", *EMBEDDED_ARGS,
     ])
     assert code == 0
     assert "concept:" in capsys.readouterr().out

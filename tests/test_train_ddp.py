@@ -34,6 +34,7 @@ from mixofshow.train.distributed import check_strategy, launch_command
 from mixofshow.train.loop import train
 from mixofshow.utils.config import ConfigError
 from mixofshow.utils.io import load_safetensors
+from conftest import EMBEDDED
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "configs" / "example.yaml"
@@ -43,7 +44,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def overrides(out: Path, optimizer: str, batch: int, steps: int = STEPS, **extra) -> dict:
-    return {"output_dir": str(out), "optimizer.name": optimizer, "train.batch_size": batch,
+    return {**EMBEDDED, "output_dir": str(out), "optimizer.name": optimizer, "train.batch_size": batch,
             "train.max_steps": steps, "train.checkpoint_every": 0, "validation.every": -1,
             "train.device": "cpu", "lora.rank_dropout": 0.0, **extra}
 

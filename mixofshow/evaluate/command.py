@@ -25,7 +25,7 @@ def _clip_args(p: argparse.ArgumentParser) -> None:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "evaluate", help="CLIP-T / CLIP-I / DINO scores of a folder written by `mixofshow sample`",
+        "evaluate", help="CLIP-T / CLIP-I / DINO / identity scores of a folder written by `mixofshow sample`",
         description="Score the images of a sample folder: CLIP-T (image vs 'A photo depicts ' + prompt with "
         "concept words replaced by the class word, 2.5 * max(cos, 0)), CLIP-I (mean max(cos, 0) over all "
         "generated x reference pairs), DINO when its weights are given. Raw cosines are reported too.",
@@ -33,6 +33,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("samples_dir", metavar="SAMPLES_DIR", help="folder with index.json (from `mixofshow sample`)")
     p.add_argument("--reference-images", metavar="DIR", help="the concept's real images (CLIP-I, DINO)")
     p.add_argument("--out", metavar="FILE", help="output stem: FILE.json and FILE.csv (default SAMPLES_DIR/evaluation)")
+    p.add_argument("--identity", default="auto", metavar="NAME",
+                   help="toy world: score identity for this shipped concept (robot, cat, cactus) in every image; "
+                        "'auto' (default): for prompts naming a shipped concept's words, on toy-world images; 'off'")
     p.add_argument("--class-word", action="append", default=[], metavar="WORDS=CLASS",
                    help="class word for concept words the concept file does not name, e.g. '<robot1> <robot2>=robot'")
     _clip_args(p)
@@ -88,12 +91,12 @@ def run_evaluate(args) -> int:
     out = Path(args.out) if args.out else Path(args.samples_dir) / "evaluation"
     report = evaluate(args.samples_dir, args.reference_images, ClipSpec(args.clip, args.clip_weights),
                       dino_weights=args.dino_weights, out=out, class_words=_class_words(args.class_word),
-                      device=args.device)
+                      device=args.device, identity=None if args.identity == "off" else args.identity)
     clip = report["clip"]
     print(f"CLIP {clip['model']} weights {clip['weights']}: {clip['formula']}")
     o = report["overall"]
     for key, name in (("clip_t", "CLIP-T"), ("clip_t_cos", "CLIP-T cos"), ("clip_i", "CLIP-I"),
-                      ("clip_i_cos", "CLIP-I cos"), ("dino", "DINO cos")):
+                      ("clip_i_cos", "CLIP-I cos"), ("dino", "DINO cos"), ("identity", "identity")):
         print(f"  {name:<11} {_fmt(o[key])}  (n={o[key]['n']})")
     for note in report["notes"]:
         print(f"  note: {note}")

@@ -1,8 +1,9 @@
-"""``evaluate``: CLIP-T, CLIP-I and DINO scores of a folder written by ``mixofshow sample``.
+"""``evaluate``: CLIP-T, CLIP-I, DINO and identity scores of a folder written by ``mixofshow sample``.
 
 Per image: CLIP-T = ``text_scale * max(cos, 0)`` with the class-word text (``prompts.py``);
 CLIP-I = the mean over all reference images of ``image_scale * max(cos, 0)``; DINO = the mean
-raw cosine to the references. The raw cosines are kept beside every scaled figure. Per prompt
+raw cosine to the references; identity (toy world only, ``evaluate/identity.py``) = P(the
+concept named in the prompt is in the image) by the identity judge. The raw cosines are kept beside every scaled figure. Per prompt
 and overall: mean and sample standard deviation over images (the overall CLIP-I mean is the
 mean over all (generated, reference) pairs). Output: JSON and CSV naming model, weights, scale.
 """
@@ -28,7 +29,7 @@ __all__ = ["EVAL_FORMAT", "SCORE_KEYS", "evaluate", "write_report"]
 log = logging.getLogger(__name__)
 
 EVAL_FORMAT = "mixofshow.evaluation/1"
-SCORE_KEYS = ("clip_t", "clip_t_cos", "clip_i", "clip_i_cos", "dino")
+SCORE_KEYS = ("clip_t", "clip_t_cos", "clip_i", "clip_i_cos", "dino", "identity")
 _BATCH = 16
 
 
@@ -67,6 +68,7 @@ def evaluate(
     progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     scorer: ClipScorer | None = None,
+    identity: str | None = "auto",
 ) -> dict[str, Any]:
     """Score the images of ``samples_dir`` (see the module docstring); returns the report.
 
@@ -78,6 +80,9 @@ def evaluate(
         out: output path stem: ``<out>.json`` and ``<out>.csv`` (None: write nothing).
         class_words: extra ``{"<w1> <w2>": "class"}`` mappings for the CLIP-T texts.
         scorer: an already loaded CLIP model (``load_clip``) to reuse across folders.
+        identity: ``"auto"`` scores identity when the images are of the toy world (``base_model:
+            toyworld`` in ``index.json``) and a prompt names a shipped concept; a concept name
+            (``robot``, ``cat``, ``cactus``) scores every image for it; None skips identity.
         progress, should_stop: callbacks; ``should_stop() -> True`` raises :class:`Cancelled`.
     Raises ``MissingWeightsError`` (a ``FileNotFoundError``) when the CLIP weights are not here.
     """
@@ -130,9 +135,11 @@ def evaluate(
     if dino is not None:
         dino_img = _features(dino, paths, tick, should_stop)
         per_image["dino"] = (dino_img @ _features(dino, refs, tick, should_stop).T).mean(-1)
+    identity_note = _identity(per_image, index, entries, paths, identity, scorer.device)
     for i, entry in enumerate(entries):
         row = {"file": entry["file"], "prompt": entry["prompt"], "seed": entry.get("seed"), "text": texts[i]}
-        row.update({k: (float(per_image[k][i]) if k in per_image else None) for k in SCORE_KEYS})
+        row.update({k: (None if k not in per_image or per_image[k][i] is None else float(per_image[k][i]))
+                    for k in SCORE_KEYS})
         rows.append(row)
     # 3. per prompt and overall
     prompts = []
@@ -145,6 +152,8 @@ def evaluate(
         notes.append("CLIP-I and DINO skipped: no reference images (--reference-images DIR)")
     elif dino is None:
         notes.append("DINO skipped: no DINO ViT-S/16 weights given (--dino-weights FILE, timm or torch-hub layout)")
+    if identity_note:
+        notes.append(identity_note)
     report = {
         "format": EVAL_FORMAT,
         "samples_dir": str(samples_dir),
@@ -165,6 +174,23 @@ def evaluate(
     if progress is not None:
         progress(Progress("done", str(samples_dir), done[0], total, eta_seconds=0.0))
     return report
+
+
+def _identity(per_image: dict, index: dict, entries: list, paths: list[Path], identity: str | None,
+              device) -> str | None:
+    """Fill ``per_image["identity"]`` where it applies; a note saying why it was skipped, if it was."""
+    if identity is None:
+        return None
+    if identity == "auto" and index.get("base_model") != "toyworld":
+        return "identity skipped: it is defined for images of the toy world (base model toyworld)"
+    from mixofshow.evaluate.identity import IdentityJudge
+
+    forced = None if identity == "auto" else identity
+    values = IdentityJudge(str(device)).scores(paths, [e["prompt"] for e in entries], forced)
+    if all(v is None for v in values):
+        return "identity skipped: no prompt names a shipped concept (<robot1> <robot2>, ...; or --identity NAME)"
+    per_image["identity"] = values
+    return None
 
 
 def _csv_text(report: dict[str, Any]) -> str:

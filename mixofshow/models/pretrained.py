@@ -21,7 +21,7 @@ from mixofshow.models.embedded import build_preset_pipeline
 from mixofshow.utils.io import file_sha256, load_safetensors
 
 __all__ = ["TOYWORLD_NAME", "PIPELINE_PARTS", "toyworld_weights_dir", "toyworld_manifest", "build_toyworld_pipeline",
-           "load_weights"]
+           "load_weights", "load_toyworld_judge"]
 
 TOYWORLD_NAME = "toyworld"
 PIPELINE_PARTS = ("vae", "text_encoder", "unet")  # the pipeline's trained components
@@ -66,3 +66,14 @@ def build_toyworld_pipeline(dtype: torch.dtype = torch.float32, folder: Path | N
     pipe.vae.register_to_config(scaling_factor=manifest["vae_scaling_factor"])
     pipe.register_to_config(_name_or_path=TOYWORLD_NAME)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def load_toyworld_judge(name: str, folder: Path | None = None) -> torch.nn.Module:
+    """The toy world's ``judge`` (class, colour, background, position, box) or ``identity`` (the shipped
+    concepts' looks) CNN with its shipped weights, in eval mode."""
+    from mixofshow.toyworld.model import build
+
+    folder = folder or toyworld_weights_dir()
+    module = build(name)
+    module.load_state_dict({k: v.float() for k, v in load_weights(folder, name, toyworld_manifest(folder)).items()})
+    return module.eval()

@@ -15,16 +15,23 @@ __all__ = ["image_grid", "save_grid"]
 
 
 def image_grid(rows: Sequence[Sequence[Image.Image]], pad: int = 2, row_labels: Sequence[str] | None = None,
-               col_labels: Sequence[str] | None = None) -> Image.Image:
+               col_labels: Sequence[str] | None = None, min_cell: int = 128) -> Image.Image:
     """Paste ``rows[i][j]`` at row i, column j on a white canvas, ``pad`` pixels apart.
 
-    Cells are as large as the largest image; shorter rows leave their right end blank. With
+    Cells are as large as the largest image; images smaller than ``min_cell`` pixels (the toy
+    world's 64 x 64) are enlarged by a whole factor, pixels as squares, so that they and their
+    labels can be read. Shorter rows leave their right end blank. With
     ``row_labels`` a left margin names each row; with ``col_labels`` a top band names each column
     (wrapped to the cell's width, at most three lines).
     """
     images = [im for row in rows for im in row]
     if not images:
         raise ValueError("image_grid: no images")
+    factor = max(1, -(-min_cell // max(max(im.width, im.height) for im in images)))
+    if factor > 1:
+        rows = [[im.resize((im.width * factor, im.height * factor), Image.Resampling.NEAREST) for im in row]
+                for row in rows]
+        images = [im for row in rows for im in row]
     w = max(im.width for im in images)
     h = max(im.height for im in images)
     cols = max(len(row) for row in rows)

@@ -309,7 +309,9 @@ def iter_samples(
     pipe.scheduler = make_scheduler(config.scheduler, old_scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     grids: dict[int, dict[str, Any]] = {}
-    bar = tqdm(total=len(jobs), initial=len(done), desc="sampling", unit="img", disable=not progress)
+    bar = tqdm(total=len(jobs), initial=len(done), desc="sampling", unit="img", disable=not progress,
+               # the count moves in fractions of an image (per denoising step): one decimal
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]")
     try:
         for n in sorted(done):
             _, _, params, path = jobs[n]

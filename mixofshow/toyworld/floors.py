@@ -62,14 +62,13 @@ def sample_prompts(pipe, prompts: list[str], seed: int, batch: int = 25, per_pro
     return torch.cat(out)
 
 
-def sample_grid(pipe, prompts: list[str], path: Path, seeds: int = 4, seed: int = 0, scale: int = 2) -> Path:
-    """One labelled PNG: a row per prompt (its text on the left), ``seeds`` samples each, enlarged
-    ``scale`` times (nearest neighbour, so the pixels stay what the model drew)."""
+def sample_grid(pipe, prompts: list[str], path: Path, seeds: int = 4, seed: int = 0) -> Path:
+    """One labelled PNG: a row per prompt (its text on the left), ``seeds`` samples each (enlarged
+    by ``save_grid``, pixels as squares, so they stay what the model drew)."""
     from mixofshow.sample.grid import save_grid
 
     images = to_uint8(sample_prompts(pipe, [p for p in prompts for _ in range(seeds)], seed, per_prompt=seeds))
-    cells = [Image.fromarray(im).resize((im.shape[1] * scale, im.shape[0] * scale), Image.Resampling.NEAREST)
-             for im in images]
+    cells = [Image.fromarray(im) for im in images]
     rows = [cells[i * seeds : (i + 1) * seeds] for i in range(len(prompts))]
     return save_grid(path, rows, row_labels=prompts, col_labels=[f"seed {seed + k}" for k in range(seeds)])
 
@@ -78,19 +77,16 @@ def check_floors(weights_dir: Path, test: Split, samples: int = 200, seed: int =
                  grid_path: Path | None = None, val: Split | None = None) -> dict:
     """Measure every floor; returns ``{"measured": ..., "floors": FLOORS, "passed": {...}}``."""
     from mixofshow.evaluate.clip import ClipSpec, load_clip
-    from mixofshow.models.pretrained import build_toyworld_pipeline, load_weights, toyworld_manifest
+    from mixofshow.models.pretrained import build_toyworld_pipeline, load_toyworld_judge
     from mixofshow.toyworld.clips import towers, zero_shot
-    from mixofshow.toyworld.judge import Judge, judge_accuracy
+    from mixofshow.toyworld.judge import judge_accuracy
     from mixofshow.toyworld.vae import psnr
 
     pipe = build_toyworld_pipeline(folder=weights_dir)
     pipe.set_progress_bar_config(disable=True)
-    manifest = toyworld_manifest(weights_dir)
     clip = load_clip(ClipSpec(model="toyworld", weights=str(weights_dir / "eval_clip.safetensors")), device="cpu")
     eval_towers = towers("clip-eval", clip.model)
-    judge = Judge()
-    judge.load_state_dict({k: v.float() for k, v in load_weights(weights_dir, "judge", manifest).items()})
-    judge.eval()
+    judge = load_toyworld_judge("judge", weights_dir)
     measured: dict = {}
     with torch.no_grad():
         x, _ = test.batch(np.arange(min(len(test), 500)))

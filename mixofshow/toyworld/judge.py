@@ -30,23 +30,31 @@ JUDGE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
 
 
 class Judge(nn.Module):
-    """Four stride-2 convolutions (64 -> 4 pixels) and a linear head per attribute."""
+    """Four stride-2 convolutions (64 -> 4 pixels) and a linear head per attribute.
 
-    def __init__(self, width: int = 32) -> None:
+    ``heads``: name -> number of classes (default: :data:`JUDGE_ATTRIBUTES`); ``box``: a box head.
+    The identity judge (``toyworld/identity.py``) is this network with one head per concept.
+    """
+
+    def __init__(self, width: int = 32, heads: dict[str, int] | None = None, box: bool = True) -> None:
         super().__init__()
+        heads = heads or {k: len(v) for k, v in JUDGE_ATTRIBUTES.items()}
         chans = [3, width, 2 * width, 4 * width, 4 * width]
         layers: list[nn.Module] = []
         for a, b in zip(chans, chans[1:]):
             layers += [nn.Conv2d(a, b, 3, stride=2, padding=1), nn.GroupNorm(8, b), nn.SiLU(),
                        nn.Conv2d(b, b, 3, padding=1), nn.GroupNorm(8, b), nn.SiLU()]
         self.features = nn.Sequential(*layers, nn.Flatten(), nn.Linear(chans[-1] * 16, 256), nn.SiLU())
-        self.heads = nn.ModuleDict({k: nn.Linear(256, len(v)) for k, v in JUDGE_ATTRIBUTES.items()})
-        self.box = nn.Linear(256, 4)
+        self.heads = nn.ModuleDict({k: nn.Linear(256, n) for k, n in heads.items()})
+        self.box = nn.Linear(256, 4) if box else None
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Logits per attribute, and ``"box"`` (x0, y0, x1, y1 as fractions), for images in [-1, 1]."""
+        """Logits per head, and ``"box"`` (x0, y0, x1, y1 as fractions), for images in [-1, 1]."""
         h = self.features(x)
-        return {**{k: head(h) for k, head in self.heads.items()}, "box": self.box(h)}
+        out = {k: head(h) for k, head in self.heads.items()}
+        if self.box is not None:
+            out["box"] = self.box(h)
+        return out
 
 
 def labels(scenes: list[Scene]) -> dict[str, torch.Tensor]:

@@ -18,11 +18,12 @@ from mixofshow.utils.io import load_safetensors, save_safetensors
 __all__ = ["PRESET", "build", "save_part", "load_part", "load_trained"]
 
 PRESET = "toyworld"
-_INIT_SEED = {"vae": 1, "unet": 2, "clip-cond": 3, "clip-eval": 4, "judge": 5}
+_INIT_SEED = {"vae": 1, "unet": 2, "clip-cond": 3, "clip-eval": 4, "judge": 5, "identity": 6}
 
 
 def build(part: str) -> nn.Module:
-    """A new ``vae``, ``unet``, ``clip-cond`` (transformers CLIPModel), ``clip-eval`` (open_clip) or ``judge``."""
+    """A new ``vae``, ``unet``, ``clip-cond`` (transformers CLIPModel), ``clip-eval`` (open_clip),
+    ``judge`` or ``identity``."""
     with torch.random.fork_rng():
         torch.manual_seed(_INIT_SEED[part])
         if part == "vae":
@@ -49,6 +50,10 @@ def build(part: str) -> nn.Module:
             from mixofshow.toyworld.judge import Judge
 
             return Judge()
+        if part == "identity":
+            from mixofshow.toyworld.identity import build_identity
+
+            return build_identity()
     raise ValueError(f"Unknown toy world part {part!r}; expected one of {list(_INIT_SEED)}")
 
 
@@ -61,12 +66,13 @@ def save_part(folder: Path, name: str, module: nn.Module, dtype: torch.dtype = t
 
 
 # a finished stage's weights: WORK_DIR/<stage>/final/<name>.safetensors
-_FINAL = {"vae": "vae", "text_encoder": "clip-cond", "eval_clip": "clip-eval", "judge": "judge", "unet": "unet"}
+_FINAL = {"vae": "vae", "text_encoder": "clip-cond", "eval_clip": "clip-eval", "judge": "judge", "identity": "identity",
+          "unet": "unet"}
 
 
 def load_trained(work: Path, name: str, partial: bool = False) -> nn.Module:
     """A finished stage's part from the pre-training folder ``work`` (``vae``, ``text_encoder``,
-    ``eval_clip``, ``judge``, ``unet``); the VAE gets the scaling factor its stage measured.
+    ``eval_clip``, ``judge``, ``identity``, ``unet``); the VAE gets the scaling factor its stage measured.
 
     ``partial``: a stage that has not finished gives the EMA weights of its latest checkpoint
     (not the VAE, whose scaling factor is measured at the end).

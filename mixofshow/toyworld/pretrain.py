@@ -7,6 +7,7 @@ Stages, in order (``--stage all`` runs the ones not yet done):
     clip-cond  the CLIP whose text tower conditions the UNet  (mixofshow/toyworld/clips.py)
     clip-eval  the separate evaluation CLIP (open_clip)       (mixofshow/toyworld/clips.py)
     judge      a CNN reading class, colour, position, background (mixofshow/toyworld/judge.py)
+    identity   the same CNN finding the shipped concepts' looks (mixofshow/toyworld/identity.py)
     unet       UNet2DConditionModel on cached latents         (mixofshow/toyworld/unet.py)
     export     fp16 weights + manifest into mixofshow/models/toyworld/weights
 
@@ -28,7 +29,7 @@ __all__ = ["STAGES", "DEFAULT_WORK_DIR", "SPLIT_SIZES", "add_parser", "run_pretr
 
 log = logging.getLogger(__name__)
 
-STAGES = ("render", "vae", "clip-cond", "clip-eval", "judge", "unet", "export")
+STAGES = ("render", "vae", "clip-cond", "clip-eval", "judge", "identity", "unet", "export")
 _REPO = Path(__file__).resolve().parents[2]  # the checkout (the package is installed editable)
 DEFAULT_WORK_DIR = _REPO / "checkpoints" / "toyworld"  # committed checkpoints continue from here
 SPLIT_SIZES = {"train": 30000, "val": 1000, "test": 1000}
@@ -62,6 +63,14 @@ def run_stage(stage: str, work: Path, seed: int, device, max_minutes: float | No
         if previous.get("done") and (stage != "vae" or "scaling_factor" in previous):
             log.info("pretrain: stage %s is done (%s/metrics.json)", stage, work / stage)
             return previous
+    if stage == "identity":  # draws its own scenes
+        from mixofshow.toyworld.identity import train_identity
+
+        identity = model.build("identity").to(device)
+        metrics = train_identity(identity, work / "identity", seed, max_minutes=max_minutes)
+        if metrics.get("done"):
+            model.save_part(work / "identity" / "final", "identity", identity)
+        return metrics
     train, val = load_split(data, "train"), load_split(data, "val")
     if stage == "vae":
         from mixofshow.toyworld.vae import scaling_factor, train_vae
@@ -121,7 +130,7 @@ def export(work: Path, seed: int, out: Path | None = None, partial: bool = False
     out = out or toyworld_weights_dir()
     files, stages = {}, {}
     for name, stage in (("vae", "vae"), ("text_encoder", "clip-cond"), ("unet", "unet"), ("eval_clip", "clip-eval"),
-                        ("judge", "judge")):
+                        ("judge", "judge"), ("identity", "identity")):
         part = model.load_trained(work, name, partial)
         path = model.save_part(out, name, part, torch.float16)
         files[path.name] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}

@@ -2,8 +2,8 @@
 
 Stable Diffusion 1.x's objective and schedule (epsilon prediction, the scaled-linear DDPM
 schedule of ``scheduler.json``), with Min-SNR-5 loss weighting (Hang et al. 2023, "Efficient
-Diffusion Training via Min-SNR Weighting Strategy", https://arxiv.org/abs/2303.09556; diffusers'
-``compute_snr``) for faster convergence, and 10 % of captions dropped to "" so that
+Diffusion Training via Min-SNR Weighting Strategy", https://arxiv.org/abs/2303.09556; the same
+``train.min_snr_gamma`` of concept training) for faster convergence, and 10 % of captions dropped to "" so that
 classifier-free guidance works. The frozen VAE's latents (posterior mean x scaling factor) of every
 training scene and of its mirror image are computed once; text states come from the frozen
 conditioning text encoder, 77 positions as the pipeline gives them. Evaluation: held-out
@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from diffusers.training_utils import compute_snr
 from transformers import CLIPTextModel
 
 from mixofshow.models.embedded import preset_config
 from mixofshow.models.tokenizer import clip_bpe_tokenizer
 from mixofshow.toyworld.data import Split
 from mixofshow.toyworld.stage import StageConfig, batch_indices, run_stage, step_generator
+from mixofshow.train.objective import min_snr_weight
 
 __all__ = ["UNET_STAGE", "cached_latents", "encode_latents", "TextStates", "train_unet"]
 
@@ -111,8 +111,7 @@ def train_unet(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLI
         drop = torch.rand(len(idx), generator=gen) < CAPTION_DROPOUT
         states = text(["" if d else captions[i] for i, d in zip(idx, drop.tolist())])
         pred = unet(noisy(z, noise, t), t, states).sample
-        snr = compute_snr(sched, t.cpu()).to(device)
-        weight = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr
+        weight = min_snr_weight(sched, t, MIN_SNR_GAMMA)
         return (weight * (pred - noise).pow(2).flatten(1).mean(1)).mean()
 
     def evaluate() -> dict:

@@ -19,6 +19,7 @@ Held out, so that a concept has something to learn and the benchmarks judge gene
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -43,6 +44,9 @@ __all__ = [
     "class_twin",
     "sample_layout",
     "render",
+    "paste_subject",
+    "jitter_colour",
+    "finish",
     "scene",
 ]
 
@@ -136,7 +140,7 @@ def sample_layout(rng: random.Random, split: str = "train") -> tuple[str, list[W
             return background, objs
 
 
-def _jitter(rgb: RGB, rng: random.Random) -> RGB:
+def jitter_colour(rgb: RGB, rng: random.Random) -> RGB:
     return tuple(min(255, max(0, v + rng.randint(-_JITTER, _JITTER))) for v in rgb)  # type: ignore[return-value]
 
 
@@ -153,20 +157,35 @@ def render(background: str, objects: list[WorldObject], size: int, rng: random.R
         cx = size * (POSITIONS[obj.position] + rng.uniform(-0.04, 0.04))
         cx = min(max(cx, 0.5 * u), size - 0.5 * u)
         mirror = rng.random() < 0.5
-        layer = Layer(size, origin=(size - cx if mirror else cx, g), unit=u)
-        CLASSES[obj.cls](layer, _jitter(COLOURS[obj.colour], rng), rng)
-        if mirror:
-            layer.image = layer.image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        shadow = Layer(size)
-        shadow.draw.ellipse([(cx - 0.3 * u) * SS, (g - 0.04 * u) * SS, (cx + 0.3 * u) * SS,
-                             (g + 0.04 * u) * SS], fill=(0, 0, 0, 60))
-        canvas.image = Image.alpha_composite(canvas.image, shadow.image)
-        canvas.image = Image.alpha_composite(canvas.image, layer.image)
-        alpha = layer.image.getchannel("A").resize((size, size), Image.Resampling.BOX)
-        box = alpha.point(lambda a: 255 if a >= 64 else 0).getbbox() or (0, 0, 0, 0)
-        placed.append(WorldObject(obj.cls, obj.colour, obj.position, tuple(int(v) for v in box)))
-    image = canvas.image.convert("RGB").resize((size, size), Image.Resampling.BOX)
-    return np.asarray(image, dtype=np.uint8), Scene(background, tuple(placed), caption_of(background, placed))
+        colour = jitter_colour(COLOURS[obj.colour], rng)
+        box = paste_subject(canvas, cx, g, u, mirror, lambda layer: CLASSES[obj.cls](layer, colour, rng))
+        placed.append(WorldObject(obj.cls, obj.colour, obj.position, box))
+    return finish(canvas), Scene(background, tuple(placed), caption_of(background, placed))
+
+
+def paste_subject(canvas: Layer, cx: float, ground: float, u: float, mirror: bool,
+                  draw: Callable[[Layer], None]) -> tuple[int, int, int, int]:
+    """Draw a subject (``draw(layer)`` in subject units) with its foot point at ``(cx, ground)``,
+    ``u`` pixels per unit, mirrored or not, and a contact shadow onto ``canvas``; its pixel box."""
+    size = canvas.image.width // SS
+    layer = Layer(size, origin=(size - cx if mirror else cx, ground), unit=u)
+    draw(layer)
+    if mirror:
+        layer.image = layer.image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    shadow = Layer(size)
+    shadow.draw.ellipse([(cx - 0.3 * u) * SS, (ground - 0.04 * u) * SS, (cx + 0.3 * u) * SS,
+                         (ground + 0.04 * u) * SS], fill=(0, 0, 0, 60))
+    canvas.image = Image.alpha_composite(canvas.image, shadow.image)
+    canvas.image = Image.alpha_composite(canvas.image, layer.image)
+    alpha = layer.image.getchannel("A").resize((size, size), Image.Resampling.BOX)
+    box = alpha.point(lambda a: 255 if a >= 64 else 0).getbbox() or (0, 0, 0, 0)
+    return tuple(int(v) for v in box)  # type: ignore[return-value]
+
+
+def finish(canvas: Layer) -> np.ndarray:
+    """The supersampled canvas reduced to its output size, as uint8 RGB."""
+    size = canvas.image.width // SS
+    return np.asarray(canvas.image.convert("RGB").resize((size, size), Image.Resampling.BOX), dtype=np.uint8)
 
 
 _MIRROR = {"left": "right", "center": "center", "right": "left"}

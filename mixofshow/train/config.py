@@ -76,6 +76,7 @@ class TrainLoopConfig:
     gradient_checkpointing: bool = False  # trade compute for memory
     noise_offset: float = 0.01  # noise += offset * randn(B, C, 1, 1)
     attention_reg_weight: float = 0.0  # Mix-of-Show's optional attention regularisation (0.01)
+    min_snr_gamma: float | None = None  # Min-SNR loss weighting min(SNR, gamma) / SNR (null: off; kohya: 5)
     checkpoint_every: int = 100  # steps between resumable checkpoints (0: only at the end)
     keep_checkpoints: int = 2  # how many recent checkpoints to keep
     log_every: int = 10  # steps between tensorboard scalars
@@ -155,6 +156,7 @@ VALUE_BOUNDS: dict[str, Bounds] = {
     "train.max_grad_norm": Bounds(gt=0),
     "train.noise_offset": Bounds(ge=0),
     "train.attention_reg_weight": Bounds(ge=0),
+    "train.min_snr_gamma": Bounds(gt=0),
     "train.checkpoint_every": Bounds(ge=0),
     "train.keep_checkpoints": Bounds(ge=1),
     "train.log_every": Bounds(ge=1),

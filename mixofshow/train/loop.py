@@ -140,7 +140,8 @@ def _run(setup: Setup, state: RunState, folder: RunFolder, progress, should_stop
     t, out = config.train, folder.path
     started = time.perf_counter()
     result = TrainResult(output_dir=out, steps=state.step, stopped=False, last_checkpoint=folder.checkpoint)
-    options = LossOptions(accelerator.device, config.data.use_masks, t.noise_offset, t.attention_reg_weight)
+    options = LossOptions(accelerator.device, config.data.use_masks, t.noise_offset, t.attention_reg_weight,
+                          t.min_snr_gamma)
     groups = setup.check_groups()
     params = [p for group in groups.values() for p in group]
     check_grads = accelerator.scaler is None  # fp16: gradient overflows are the grad scaler's to skip

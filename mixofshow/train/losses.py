@@ -15,14 +15,17 @@ import torch.nn.functional as F
 __all__ = ["masked_mse", "offset_noise", "attention_outside_mask", "lr_factor"]
 
 
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean squared error, averaged inside ``mask`` (B, 1, h, w) when given: sum(mse*m)/sum(m)."""
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None,
+               weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error, averaged inside ``mask`` (B, 1, h, w) when given: sum(mse*m)/sum(m);
+    ``weight`` (B,) scales each image's error (Min-SNR) before the mean over the batch."""
     mse = (pred.float() - target.float()).pow(2).mean(dim=1, keepdim=True)  # mean over channels
     if mask is None:
-        return mse.mean()
-    mask = F.interpolate(mask.float(), size=mse.shape[-2:], mode="nearest")
-    per_image = (mse * mask).sum(dim=(1, 2, 3)) / mask.sum(dim=(1, 2, 3)).clamp_min(1.0)
-    return per_image.mean()
+        per_image = mse.mean(dim=(1, 2, 3))
+    else:
+        mask = F.interpolate(mask.float(), size=mse.shape[-2:], mode="nearest")
+        per_image = (mse * mask).sum(dim=(1, 2, 3)) / mask.sum(dim=(1, 2, 3)).clamp_min(1.0)
+    return (per_image if weight is None else per_image * weight.to(per_image)).mean()
 
 
 def offset_noise(latents: torch.Tensor, offset: float, generator: torch.Generator | None) -> torch.Tensor:

@@ -35,12 +35,23 @@ def denoising_target(noise_scheduler, latents, noise, timesteps):
     return noise
 
 
+def min_snr_weight(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights per image (Hang et al. 2023): ``min(SNR, gamma) / SNR`` for
+    epsilon prediction, ``/ (SNR + 1)`` for v-prediction; low-noise steps weigh less."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps.cpu()).to(timesteps.device)
+    denominator = snr + 1 if noise_scheduler.config.prediction_type == "v_prediction" else snr
+    return snr.clamp(max=gamma) / denominator
+
+
 @dataclass(frozen=True)
 class LossOptions:
     device: torch.device
     use_masks: bool = True  # the masked MSE when the batch has masks (data.use_masks)
     noise_offset: float = 0.01  # train.noise_offset
     attention_reg_weight: float = 0.0  # train.attention_reg_weight (0: off)
+    min_snr_gamma: float | None = None  # train.min_snr_gamma (None: every timestep weighs 1)
 
 
 def edlora_loss(
@@ -89,7 +100,9 @@ def edlora_loss(
             context = model.encoder.encode_ids(ids)
             pred = pipe.unet(noisy.to(pipe.unet.dtype), timesteps, context).sample
         mask = batch["mask"].to(device) if options.use_masks else None
-        terms = {"mse": masked_mse(pred, target, mask)}
+        weight = None if options.min_snr_gamma is None else min_snr_weight(noise_scheduler, timesteps,
+                                                                            options.min_snr_gamma)
+        terms = {"mse": masked_mse(pred, target, mask, weight)}
         total = terms["mse"]
         if regularise:
             terms["attention_reg"] = _attention_reg(model, ids, batch["mask"].to(device), latents.shape[-2:])
