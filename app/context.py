@@ -74,12 +74,13 @@ def job_summary(job: Job) -> str:
         where = f" `{p['run']}` {p.get('step', 0)} / {p.get('total', 0)}" if p.get("run") else ""
         eta = fmt_seconds(p.get("eta")) if job.state == "running" else "-"
         lines.append(f"{p['phase']}{where} · runs done {p.get('runs_done', 0)} / {p.get('runs_total', 0)} · ETA {eta}")
-        if p.get("clip_note"):
-            lines.append(f"CLIP scores n/a: {p['clip_note']}")
+        if p.get("clip_note"):  # the whole message is in the comparison's notes, once
+            lines.append("CLIP scores n/a: no CLIP weights on this machine (the comparison's notes say how to give them)")
     elif p.get("total"):
-        eta = f" · {fmt_seconds(p.get('seconds_per_image'))}/image · ETA {fmt_seconds(p.get('eta'))}" \
+        rate = f" · {fmt_seconds(p['seconds_per_image'])}/image" if p.get("seconds_per_image") is not None else ""
+        eta = f"{rate} · ETA {fmt_seconds(p.get('eta'))}" \
             if job.state == "running" and p.get("eta") is not None else ""
-        lines.append(f"{p.get('phase', '')}: {p.get('done', 0)} / {p['total']} images{eta}")
+        lines.append(f"{p.get('phase', '')}: {p.get('done', 0)} / {p['total']} {p.get('unit', 'images')}{eta}")
     elif p.get("phase"):
         lines.append(str(p["phase"]))
     if job.started:

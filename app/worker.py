@@ -103,8 +103,15 @@ def _fuse(store: JobStore, job: Job, shutdown: threading.Event) -> str:
     from mixofshow.utils.config import from_dict
 
     config = from_dict(FuseConfig, dict(job.config["fuse"], device=job.device), where=f"job #{job.id}")
-    store.report(job.id, {"phase": "fusing", "concepts": len(config.concepts)})
-    outcome = fuse_concepts(config, progress=False)
+    store.report(job.id, {"phase": "loading", "concepts": len(config.concepts)})
+    started = time.perf_counter()
+
+    def progress(stage: str, done: int, total: int) -> None:
+        eta = (time.perf_counter() - started) / done * (total - done) if done else None
+        store.report(job.id, {"phase": f"fusing ({stage})", "done": done, "total": total, "unit": "layers",
+                              "eta": eta, "concepts": len(config.concepts)})
+
+    outcome = fuse_concepts(config, progress=False, on_progress=progress)
     store.report(job.id, {"phase": "done", "output": str(outcome.output), "seconds": round(outcome.seconds, 2)})
     return "done"
 

@@ -444,6 +444,8 @@ def test_a_sample_job_shows_its_eta():
         "phase": "sampling", "done": 2, "total": 8, "seconds_per_image": 1.5, "eta": 9.0}, position=1, device="cpu",
         run_dir="/r", resume=False, error=None, worker_pid=None, created=0.0, started=1.0, finished=None)
     assert "sampling: 2 / 8 images · 2s/image · ETA 9s" in job_summary(job)  # fmt_seconds rounds 1.5 s
+    job.kind, job.progress = "fuse", {"phase": "fusing (spatial)", "done": 30, "total": 40, "unit": "layers", "eta": 4.0}
+    assert "fusing (spatial): 30 / 40 layers · ETA 4s" in job_summary(job)
 
 
 def test_training_options_come_from_the_config_dataclasses_and_reach_the_yaml():

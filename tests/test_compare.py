@@ -151,6 +151,7 @@ def test_compare_without_clip_weights_reports_losses_and_na(tmp_path, monkeypatc
     assert row["clip_t"] == "" and row["clip_model"] == "n/a" and float(row["final_loss"]) > 0
     md = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "CLIP: n/a" in md and "--clip-weights" in md
+    assert md.count(result.clip_note) == 1  # the whole message once, in the notes
 
 
 def test_compare_errors_name_the_problem(tmp_path):

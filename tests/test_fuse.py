@@ -453,3 +453,17 @@ def test_zero_ridge_on_a_rank_deficient_system_keeps_the_base_weight_and_fits_ex
     w0_before = w0.clone()
     solve_closed_form(stats)
     assert torch.equal(w0, w0_before)  # the caller's weight is not modified
+
+
+def test_fusion_reports_progress_layer_by_layer(concept_files, tmp_path, embedded_pipeline_factory):
+    """What the app's fuse jobs show: (stage, done, total), done counting up to total once."""
+    seen = []
+    config = FuseConfig(concepts=[FuseConceptConfig(file=str(p)) for p in concept_files.values()],
+                        method="closed-form", output=str(tmp_path / "out.safetensors"), **FAST)
+    fuse_concepts(config, pipe=embedded_pipeline_factory(), progress=False, write=False,
+                  on_progress=lambda *report: seen.append(report))
+    done = [d for _, d, _ in seen]
+    assert done == sorted(done) and done[0] == 0 and done[-1] == seen[-1][2] > 0
+    assert {t for _, _, t in seen} == {seen[-1][2]}
+    stages = list(dict.fromkeys(stage for stage, _, _ in seen))
+    assert stages == [s for s in ("text_encoder", "cross_kv", "spatial") if s in stages] and len(stages) >= 2, seen

@@ -50,7 +50,10 @@ def test_validation_writes_a_grid_per_step(tmp_path):
     step = tmp_path / "run" / "samples" / "step_000001"
     rows = []
     for scale in ("scale_0", "scale_1"):
-        files = [e["file"] for e in json.loads((step / scale / "index.json").read_text())["images"]]
+        index = json.loads((step / scale / "index.json").read_text())
+        # the end-of-run samples name the concept file they were made with, and its base model
+        assert index["concept"] == str(tmp_path / "run" / "robot.safetensors") and index["base_model"] == "embedded"
+        files = [e["file"] for e in index["images"]]
         rows.append([Image.open(step / scale / f).convert("RGB") for f in files])
     assert [len(r) for r in rows] == [2, 2]
     from mixofshow.train.validation import validation_labels

@@ -123,6 +123,34 @@ def test_stage_loop_resumes_exactly(tmp_path):
     assert scaling_factor(straight, train) == scaling_factor(resumed, train) > 0
 
 
+def test_a_checkpoint_refuses_another_config_or_other_inputs(tmp_path):
+    """A stage built on another VAE (or with other settings) must start again, not continue."""
+    from torch import nn
+
+    from mixofshow.toyworld.stage import StageConfig, run_stage
+
+    module = nn.Linear(2, 1)
+    cfg = StageConfig(steps=2, batch=1, lr=1e-3, warmup=1, eval_every=2, checkpoint_every=1)
+    loss = lambda step: module(torch.ones(1, 2)).pow(2).sum()  # noqa: E731
+    run_stage("t", tmp_path, module, cfg, loss, dict, max_minutes=1e-9, inputs="vae=aaa")  # stops at step 1
+    with pytest.raises(ValueError, match=r"made with inputs vae=aaa, now vae=bbb"):
+        run_stage("t", tmp_path, module, cfg, loss, dict, inputs="vae=bbb")
+    with pytest.raises(ValueError, match=r"made with config .*\"steps\": 2.*now .*\"steps\": 3"):
+        run_stage("t", tmp_path, module, StageConfig(**{**cfg.__dict__, "steps": 3}), loss, dict, inputs="vae=aaa")
+    assert run_stage("t", tmp_path, module, cfg, loss, dict, inputs="vae=aaa")["done"]
+
+
+def test_vae_shapes_are_generic_and_deterministic():
+    """The VAE's generic half: any colour, reproducible, never a drawing of a shipped concept."""
+    from mixofshow.toyworld.vae import shapes_batch
+
+    a, b = shapes_batch("x", 8, seed=0), shapes_batch("x", 8, seed=0)
+    assert torch.equal(a, b) and not torch.equal(a, shapes_batch("x", 8, seed=1))
+    assert a.shape == (8, 3, 64, 64) and a.min() >= -1 and a.max() <= 1
+    colours = {tuple(px) for px in ((a + 1) * 127.5).round().permute(0, 2, 3, 1).reshape(-1, 3).int().tolist()}
+    assert len(colours) > 1000  # far beyond the world's eight body colours and five backgrounds
+
+
 def test_shipped_weights_are_checked_against_the_manifest(tmp_path):
     from mixofshow.models.pretrained import build_toyworld_pipeline
 

@@ -282,7 +282,7 @@ def _write(out, config_path, base, optimizers, seeds, steps, settings, plans, st
             "held-out loss": f"masked epsilon MSE over {settings.heldout_draws} fixed draws (mixofshow/evaluate/heldout.py)",
         },
         "clip": (f"{clip_info['model']}, weights {clip_info['weights']}; {clip_info['formula']}; raw cosine in the "
-                 "'cos' columns") if clip_info else f"n/a ({clip_note})",
+                 "'cos' columns") if clip_info else "n/a (the notes below say why)",
         "dino": f"ViT weights {dino_weights}, raw cosine" if dino_weights and clip_info else "n/a",
         "notes": notes,
         "grid": grid_info,

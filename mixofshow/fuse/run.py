@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,12 +48,14 @@ def resolve_base_model(config: FuseConfig, sources: list[FuseSource]) -> str:
 
 
 def fuse_concepts(
-    config: FuseConfig, pipe=None, progress: bool = True, write: bool = True
+    config: FuseConfig, pipe=None, progress: bool = True, write: bool = True,
+    on_progress: Callable[[str, int, int], None] | None = None,
 ) -> FuseOutcome:
     """Load the concepts and the base model, run every stage, then write the outputs.
 
     ``pipe``: a base pipeline to fuse into (modified in place); by default the config's (or the
     concepts') base model is loaded. ``write=False`` returns the result without writing files.
+    ``on_progress(stage, done, total)``: layer-by-layer progress (the app's progress bar).
     """
     start = time.perf_counter()
     sources = load_sources(config.concepts)
@@ -64,7 +67,7 @@ def fuse_concepts(
         part.requires_grad_(False)
     log.info("fusing %d concepts (%s) by %s", len(sources), ", ".join(s.name for s in sources), config.method)
     with sampling_state(pipe):  # fusion records in eval mode; the pipe's modes are restored after
-        fused = Fusion(pipe, sources, config, progress=progress).run()
+        fused = Fusion(pipe, sources, config, progress=progress, on_progress=on_progress).run()
     output = diffusers_output = None
     if write:
         output = Path(config.output)

@@ -24,7 +24,7 @@ adapted are touched.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -159,11 +159,15 @@ class Fusion:
     tests use to compare methods on each concept's own inputs.
     """
 
-    def __init__(self, pipe, sources: Sequence[FuseSource], config: FuseConfig, progress: bool = True) -> None:
+    def __init__(self, pipe, sources: Sequence[FuseSource], config: FuseConfig, progress: bool = True,
+                 on_progress: Callable[[str, int, int], None] | None = None) -> None:
+        """``on_progress(stage, done, total)``: called as layers are recorded and solved (for the app)."""
         self.pipe = pipe
         self.sources = list(sources)
         self.config = config
         self.progress = progress
+        self.on_progress = on_progress
+        self._done = 0
         self.device = pipe.unet.device
         self.dtype = pipe.unet.dtype
         self.cross_layers = [name for name, _ in cross_attention_layers(pipe.unet)]
@@ -334,13 +338,17 @@ class Fusion:
     def run(self) -> FusedFile:
         self.fuse_tokens()
         method = self.config.method
+        totals = {stage: len(self.keys[stage]) + (0 if method == "weight" else len(self.sources))
+                  for stage in STAGES if self.keys[stage]}
+        self._total = sum(totals.values())
         for stage in STAGES:
             keys = self.keys[stage]
             if not keys:
                 log.info("%s: no concept adapted these layers; skipped", stage)
                 continue
-            total = len(keys) + (0 if method == "weight" else len(self.sources))
-            with tqdm(total=total, desc=f"fuse: {stage}", disable=not self.progress, leave=False) as self._bar:
+            self._stage = stage
+            self._report()
+            with tqdm(total=totals[stage], desc=f"fuse: {stage}", disable=not self.progress, leave=False) as self._bar:
                 stats = None if method == "weight" else self.record(stage)
                 weights = self.solve(stage, stats)
             self._bar = None
@@ -376,3 +384,9 @@ class Fusion:
     def _tick(self) -> None:
         if self._bar is not None:
             self._bar.update(1)
+            self._done += 1
+            self._report()
+
+    def _report(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress(self._stage, self._done, self._total)

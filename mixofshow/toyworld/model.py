@@ -15,7 +15,7 @@ from torch import nn
 from mixofshow.models.embedded import preset_config
 from mixofshow.utils.io import load_safetensors, save_safetensors
 
-__all__ = ["PRESET", "build", "save_part", "load_part", "load_trained"]
+__all__ = ["PRESET", "build", "save_part", "load_part", "load_trained", "finals_sha256"]
 
 PRESET = "toyworld"
 _INIT_SEED = {"vae": 1, "unet": 2, "clip-cond": 3, "clip-eval": 4, "judge": 5, "identity": 6}
@@ -104,6 +104,13 @@ def load_trained(work: Path, name: str, partial: bool = False) -> nn.Module:
         metrics = json.loads((work / "vae" / "metrics.json").read_text())
         module.register_to_config(scaling_factor=metrics["scaling_factor"])
     return module
+
+
+def finals_sha256(work: Path, names: tuple[str, ...]) -> str:
+    """``"vae=<sha256> text_encoder=<sha256>"``: which finished parts a later stage is built on."""
+    from mixofshow.utils.io import file_sha256
+
+    return " ".join(f"{n}={file_sha256(work / _FINAL[n] / 'final' / f'{n}.safetensors')}" for n in names)
 
 
 def load_part(path: Path, module: nn.Module) -> nn.Module:

@@ -106,7 +106,9 @@ def run_stage(stage: str, work: Path, seed: int, device, max_minutes: float | No
 
         vae, text_encoder = model.load_trained(work, "vae").to(device), model.load_trained(work, "text_encoder").to(device)
         unet = model.build("unet").to(device)
-        metrics = train_unet(unet, vae, text_encoder, train, val, work / "unet", seed, max_minutes=max_minutes)
+        inputs = model.finals_sha256(work, ("vae", "text_encoder"))
+        metrics = train_unet(unet, vae, text_encoder, train, val, work / "unet", seed, max_minutes=max_minutes,
+                             inputs=inputs)
         if metrics.get("done"):
             model.save_part(work / "unet" / "final", "unet", unet)
         return metrics

@@ -103,11 +103,14 @@ def run_stage(
     loss: Callable[[int], torch.Tensor],
     evaluate: Callable[[], dict],
     max_minutes: float | None = None,
+    inputs: str = "",
 ) -> dict:
     """Train ``module`` for ``cfg.steps`` from the latest checkpoint in ``folder``; returns metrics.
 
     At the end (or after ``max_minutes``, at a checkpoint) the EMA weights are left in ``module``
-    only when the stage is complete; ``metrics.json`` says ``"done": true`` then.
+    only when the stage is complete; ``metrics.json`` says ``"done": true`` then. The checkpoint
+    records ``cfg`` and ``inputs`` (what the stage is built on, e.g. the sha256 of the frozen VAE
+    the UNet learns the latents of); resuming with other ones is an error, not a silent mix.
     """
     folder.mkdir(parents=True, exist_ok=True)
     ckpt = folder / "checkpoint.safetensors"
@@ -117,7 +120,7 @@ def run_stage(
     metrics = read_metrics(folder)
     start = 0
     if ckpt.is_file():
-        start = _load(ckpt, module, ema, opt, cfg)
+        start = _load(ckpt, module, ema, opt, cfg, inputs)
         log.info("%s: resumed at step %d from %s", name, start, ckpt)
     metrics["config"] = asdict(cfg)
     started, spent0 = time.monotonic(), metrics.get("seconds", 0.0)
@@ -142,7 +145,7 @@ def run_stage(
             if done % cfg.eval_every == 0 or last:
                 metrics["evals"].append({"step": done, "loss": value.item(), **_eval_ema(module, ema, evaluate)})
                 log.info("%s step %d: %s", name, done, metrics["evals"][-1])
-            _save(ckpt, module, ema, opt, done)
+            _save(ckpt, module, ema, opt, done, cfg, inputs)
             atomic_write_text(folder / "metrics.json", json.dumps(metrics, indent=1))
             if out_of_time and not last:
                 log.info("%s: stopped after %.0f min at step %d (resumable)", name, max_minutes, done)
@@ -165,15 +168,21 @@ def _eval_ema(module: nn.Module, ema: Ema, evaluate: Callable[[], dict]) -> dict
         module.train()
 
 
-def _save(path: Path, module: nn.Module, ema: Ema, opt: torch.optim.Optimizer, step: int) -> None:
+def _save(path: Path, module: nn.Module, ema: Ema, opt: torch.optim.Optimizer, step: int, cfg: StageConfig,
+          inputs: str) -> None:
     opt_tensors, skeleton = flatten_state(opt.state_dict(), "opt")
     tensors = {**{f"model.{k}": v for k, v in module.state_dict().items()},
                **{f"ema.{k}": v for k, v in ema.shadow.items()}, **opt_tensors}
-    save_safetensors(path, tensors, {"step": str(step), "optimizer": json.dumps(skeleton)})
+    save_safetensors(path, tensors, {"step": str(step), "optimizer": json.dumps(skeleton),
+                                     "config": json.dumps(asdict(cfg), sort_keys=True), "inputs": inputs})
 
 
-def _load(path: Path, module: nn.Module, ema: Ema, opt: torch.optim.Optimizer, cfg: StageConfig) -> int:
+def _load(path: Path, module: nn.Module, ema: Ema, opt: torch.optim.Optimizer, cfg: StageConfig, inputs: str) -> int:
     tensors, meta = load_safetensors(path)
+    for key, now in (("config", json.dumps(asdict(cfg), sort_keys=True)), ("inputs", inputs)):
+        if key in meta and meta[key] != now:
+            raise ValueError(f"{path}: made with {key} {meta[key]}, now {now}; it cannot continue this stage "
+                             "(delete it to start the stage again)")
     module.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     for k in ema.shadow:
         ema.shadow[k].copy_(tensors[f"ema.{k}"])

@@ -28,7 +28,7 @@ from mixofshow.train.objective import min_snr_weight
 
 __all__ = ["UNET_STAGE", "cached_latents", "encode_latents", "TextStates", "train_unet"]
 
-UNET_STAGE = StageConfig(steps=20000, batch=32, lr=5e-4, warmup=500, weight_decay=0.01, ema=0.9995,
+UNET_STAGE = StageConfig(steps=12000, batch=32, lr=5e-4, warmup=500, weight_decay=0.01, ema=0.9995,
                          eval_every=1000, checkpoint_every=250)
 CAPTION_DROPOUT = 0.1
 MIN_SNR_GAMMA = 5.0
@@ -81,7 +81,8 @@ class TextStates:
 
 def train_unet(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel, train: Split,
                val: Split, folder: Path, seed: int, cfg: StageConfig = UNET_STAGE,
-               max_minutes: float | None = None) -> dict:
+               max_minutes: float | None = None, inputs: str = "") -> dict:
+    """``inputs``: what identifies the frozen VAE and text encoder (the checkpoint refuses others)."""
     device = unet.device
     sched = DDPMScheduler.from_config(preset_config("toyworld", "scheduler"))
     text = TextStates(text_encoder)
@@ -123,4 +124,4 @@ def train_unet(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLI
             errs.append((pred - val_noise[sl].to(device)).pow(2).flatten(1).mean(1))
         return {"eps_mse_val": float(torch.cat(errs).mean())}
 
-    return run_stage("unet", folder, unet, cfg, loss, evaluate, max_minutes=max_minutes)
+    return run_stage("unet", folder, unet, cfg, loss, evaluate, max_minutes=max_minutes, inputs=inputs)

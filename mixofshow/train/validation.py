@@ -54,6 +54,10 @@ def run_validation(model: EDLoRA, config: TrainConfig, step: int, device, progre
         return None
     v = config.validation
     folder = validation_folder(config, step)
+    # the end-of-run samples are of the concept file just written: index.json names it (evaluate
+    # reads the class words from it); earlier steps have no concept file yet
+    concept_file = Path(config.output_dir) / f"{config.name}.safetensors"
+    concept = str(concept_file) if step >= config.train.max_steps and concept_file.is_file() else None
     rows = []
     with sampling_state(model.pipe):  # eval mode; train modes and LoRA scales restored after
         for scale in v.lora_scales:
@@ -66,6 +70,8 @@ def run_validation(model: EDLoRA, config: TrainConfig, step: int, device, progre
                 guidance_scale=v.guidance_scale,
                 lora_scale=scale,
                 output_dir=str(folder / f"scale_{scale:g}"),
+                concept=concept,
+                base_model=config.base_model,
             )
             rows.append([s.image for s in generate(model.pipe, model.encoder, sample_cfg, progress=progress)])
     if rows:
