@@ -28,6 +28,7 @@ __all__ = ["Job", "JobStore", "KINDS", "RESUMABLE", "RESUMES", "STATES", "TRAIN_
 KINDS = ("train", "fuse", "sample", "compare")
 RESUMES = ("train", "compare")  # kinds that continue where they stopped (compare: finished runs are kept)
 STATES = ("queued", "running", "done", "failed", "stopped", "interrupted", "cancelled")
+FINISHED = ("done", "failed", "stopped", "interrupted")  # how a running job ends (JobStore.finish)
 RESUMABLE = ("stopped", "interrupted", "failed")  # a training / compare job in these states can resume
 TRAIN_COMMANDS = ("stop", "checkpoint", "validate")  # see mixofshow.train.loop.train(commands=)
 
@@ -296,8 +297,12 @@ class JobStore:
                            [(job_id, s, l) for s, l in losses])
 
     def finish(self, job_id: int, state: str, error: str | None = None) -> None:
-        if state not in STATES:
-            raise ValueError(f"unknown state {state!r}")
+        """A running job ends: ``done``, ``failed``, ``stopped`` or ``interrupted`` (the one way out of
+        ``running``; a job in any other state is refused, so a late worker cannot overwrite it)."""
+        if state not in FINISHED:
+            raise ValueError(f"a job finishes as one of {', '.join(FINISHED)}, not {state!r}")
         with self._connect() as db:
-            db.execute("UPDATE jobs SET state = ?, error = ?, finished = ? WHERE id = ?",
-                       (state, error, time.time(), job_id))
+            changed = db.execute("UPDATE jobs SET state = ?, error = ?, finished = ? WHERE id = ? AND state = 'running'",
+                                 (state, error, time.time(), job_id)).rowcount
+        if not changed:
+            raise ValueError(f"job #{job_id} is {self.get(job_id).state}, not running; it cannot finish as {state}")

@@ -418,7 +418,11 @@ def test_delete_job_and_run_folder_never_a_running_one(tmp_path):
         (runs / folder / "metrics.json").write_text("{}")
     claimed = store.claim("cpu", os.getpid())
     assert claimed.id == done.id
+    with pytest.raises(ValueError, match="finishes as one of"):
+        store.finish(done.id, "queued")
     store.finish(done.id, "done")
+    with pytest.raises(ValueError, match=r"job #\d+ is done, not running; it cannot finish as failed"):
+        store.finish(done.id, "failed")  # a late worker cannot overwrite a finished job
     store.claim("cpu", os.getpid())  # b is running now
     with pytest.raises(ValueError, match="is running; stop it first"):
         store.delete(running.id)

@@ -257,3 +257,13 @@ def test_bad_optimizer_params_fail_at_config_load(tmp_path):
     cfg.write_text("data: {concept_list: a.json}\nconcept: {words: ['<a1>']}\n"
                    "optimizer: {name: stella, params: {grad_scaling: 768, metric: euclidean}}\n")  # fmt: skip
     assert load_train_config(cfg).optimizer.params["metric"] == "euclidean"
+
+
+def test_a_missing_or_broken_optimizer_module_fails_loudly(monkeypatch):
+    """A typo in the module list (or a module that no longer imports) is an error, never a
+    silently missing optimizer whose tests stop running."""
+    from mixofshow.optim import registry
+
+    monkeypatch.setattr(registry, "_MODULES", registry._MODULES + ("adamw_typo",))
+    with pytest.raises(ModuleNotFoundError, match="adamw_typo"):
+        registry._collect()

@@ -71,12 +71,7 @@ _MODULES = ("adamw", "loraplus", "scaled", "lora_rite", "adams", "lracs", "adapr
 def _collect() -> dict[str, OptimizerSpec]:
     specs: dict[str, OptimizerSpec] = {}
     for mod in _MODULES:
-        try:
-            module = importlib.import_module(f"mixofshow.optim.{mod}")
-        except ModuleNotFoundError as err:  # a module not written yet
-            if err.name != f"mixofshow.optim.{mod}":
-                raise
-            continue
+        module = importlib.import_module(f"mixofshow.optim.{mod}")  # a broken module fails here, loudly
         for spec in module.SPECS:
             if spec.name in specs:
                 raise RuntimeError(f"Optimizer {spec.name!r} registered twice")
