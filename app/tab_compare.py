@@ -90,13 +90,10 @@ def _shipped_config(name: str, resolution, prompts: list[str]) -> dict[str, Any]
     shipped = shipped_concepts()
     if name not in shipped:
         raise UserError(f"shipped concept {name!r}: pick one of {', '.join(shipped)}")
-    data = base_config()
-    words = [f"<{name}1>", f"<{name}2>"]
-    data["name"] = name
-    data["data"].update(concept_list=str(shipped[name]), replace_mapping={"<TOK>": " ".join(words)},
-                        resolution=int(resolution))
-    data["concept"].update(words=words, class_words={words[-1]: name})
-    data["validation"].update(prompts=prompts or [f"a photo of {' '.join(words)}"], prompts_file=None)
+    data = base_config(name)  # its shipped config: words, class word and world prompts of its own
+    data["data"].update(concept_list=str(shipped[name]), resolution=int(resolution))
+    if prompts:
+        data["validation"].update(prompts=prompts, prompts_file=None)
     return data
 
 
@@ -177,8 +174,9 @@ def build_compare_tab(ctx: AppContext) -> None:
             optimizers = gr.CheckboxGroup(sorted(SPECS), value=["adamw", "scaled_adamw"], label="Optimizers")
             with gr.Row():
                 seeds = gr.Textbox("0, 1, 2", label="Seeds")
-                steps = gr.Number(60, label="Steps per run", precision=0)
-                resolution = gr.Number(128, label="Resolution (shipped concept)", precision=0)
+                steps = gr.Number(base_config()["train"]["max_steps"], label="Steps per run", precision=0)
+                resolution = gr.Number(base_config()["data"]["resolution"], label="Resolution (shipped concept)",
+                                       precision=0)
             gr.Markdown("### Sampling and scores")
             prompts = gr.Textbox("", lines=2, label="Prompts (one per line; empty: the config's validation prompts)")
             with gr.Row():
@@ -186,7 +184,8 @@ def build_compare_tab(ctx: AppContext) -> None:
                 sample_steps = gr.Number(20, label="Sampler steps", precision=0)
                 heldout = gr.Number(16, label="Held-out loss draws", precision=0)
             with gr.Row():
-                clip = gr.Textbox("ViT-B-32-quickgelu", label="CLIP model ('tiny': random, a pipeline check)")
+                clip = gr.Textbox("", label="CLIP model (empty: the toy world's own on the toy world, else "
+                                  "ViT-B-32-quickgelu; 'tiny': random, a pipeline check)")
                 clip_weights = gr.Textbox("", label="CLIP weights (empty: openai; missing: scores n/a)")
             submit = gr.Button("Queue comparison", variant="primary", elem_id="compare-submit")
         with gr.Column(scale=3):

@@ -67,9 +67,13 @@ def shipped_concepts() -> dict[str, Path]:
     return {p.stem: p for p in sorted((repo_root() / "datasets" / "concepts").glob("*.json"))}
 
 
-def base_config() -> dict[str, Any]:
-    """configs/example.yaml with its relative paths made absolute."""
-    path = repo_root() / "configs" / "example.yaml"
+def base_config(concept: str = "robot") -> dict[str, Any]:
+    """The shipped training config of a shipped concept (``configs/example.yaml`` for the robot,
+    ``configs/<concept>.yaml`` for the others; the robot's for a concept without one), with its
+    relative paths made absolute."""
+    path = repo_root() / "configs" / ("example.yaml" if concept == "robot" else f"{concept}.yaml")
+    if not path.is_file():
+        path = repo_root() / "configs" / "example.yaml"
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     return _absolute(data, path.parent)
 
@@ -99,6 +103,15 @@ def _hp_updates(name: str, params: dict[str, Any] | None = None) -> list:
         else:
             out.append(gr.update(label=f"hp{i}", value="", visible=False))
     return out
+
+
+def recommended_lrs(name: str, fallback: dict[str, Any]) -> tuple[float, float]:
+    """(UNet, text-encoder) learning rates the registry recommends for optimizer ``name``; the
+    example config's where it recommends none."""
+    from mixofshow.optim.registry import get_spec
+
+    rec = get_spec(name).recommended_lr
+    return float(rec.get("unet", fallback["lr_unet"])), float(rec.get("text_encoder", fallback["lr_text_encoder"]))
 
 
 def _hp_values(name: str, texts: list[str]) -> dict[str, Any]:
@@ -205,7 +218,7 @@ def build_train_tab(ctx: AppContext) -> None:
                 words = gr.Textbox(" ".join(example["concept"]["words"]), label="Concept words")
                 class_word = gr.Textbox("robot", label="Class word (initialises the last word)")
             with gr.Row():
-                base_model = gr.Dropdown(base_model_choices(ctx), value="embedded", allow_custom_value=True,
+                base_model = gr.Dropdown(base_model_choices(ctx), value=example["base_model"], allow_custom_value=True,
                                          label="Base model (pick one, or type a hub id)")
                 resolution = gr.Number(example["data"]["resolution"], label="Resolution", precision=0)
             gr.Markdown("### Optimizer")
@@ -213,16 +226,19 @@ def build_train_tab(ctx: AppContext) -> None:
             with gr.Row():
                 hp = [gr.Textbox(label=f"hp{i}", visible=False, min_width=120) for i in range(HP_SLOTS)]
             with gr.Row():
-                rank = gr.Number(4, label="Rank", precision=0)
+                # defaults: the shipped example config (configs/example.yaml), the one `mixofshow demo` trains
+                rank = gr.Number(example["lora"]["rank"], label="Rank", precision=0)
                 steps = gr.Number(example["train"]["max_steps"], label="Steps", precision=0)
-                batch = gr.Number(1, label="Batch size", precision=0)
-                checkpoint_every = gr.Number(20, label="Checkpoint every", precision=0)
+                batch = gr.Number(example["train"]["batch_size"], label="Batch size", precision=0)
+                checkpoint_every = gr.Number(example["train"]["checkpoint_every"], label="Checkpoint every", precision=0)
             with gr.Row():
-                lr_unet = gr.Number(1e-4, label="LR UNet")
-                lr_text = gr.Number(1e-5, label="LR text encoder")
-                lr_emb = gr.Number(1e-3, label="LR embeddings")
-                validation_every = gr.Number(20, label="Validate every (0: end, -1: never)", precision=0)
-            prompts = gr.Textbox("a photo of <robot1> <robot2>", lines=2,
+                lr_unet = gr.Number(example["optimizer"]["lr_unet"], label="LR UNet",
+                                    info="picking an optimizer sets its recommended rate")
+                lr_text = gr.Number(example["optimizer"]["lr_text_encoder"], label="LR text encoder")
+                lr_emb = gr.Number(example["optimizer"]["lr_embedding"], label="LR embeddings")
+                validation_every = gr.Number(example["validation"]["every"], label="Validate every (0: end, -1: never)",
+                                             precision=0)
+            prompts = gr.Textbox("\n".join(example["validation"]["prompts"]), lines=4,
                                  label="Validation prompts (one per line)")
             with gr.Accordion("Training options", open=False):
                 with gr.Row():
@@ -259,6 +275,9 @@ def build_train_tab(ctx: AppContext) -> None:
 
     source.change(on_source, source, [concept, upload_box, concept_list], api_visibility="private")
     optimizer.change(lambda n: _hp_updates(n), optimizer, hp, api_visibility="private")
+    # a user's pick (not a job filling the form) sets the optimizer's recommended learning rates
+    optimizer.input(lambda n: recommended_lrs(n, example["optimizer"]), optimizer, [lr_unet, lr_text],
+                    api_visibility="private")
 
     def resolve_concept(src, shipped_name, imgs, caps, msks, listed) -> str:
         if src == SOURCES[0]:

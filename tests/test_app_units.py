@@ -471,3 +471,12 @@ def test_training_options_come_from_the_config_dataclasses_and_reach_the_yaml():
 
     with pytest.raises(UserError, match="mixed_precision"):
         form_to_config(base_config(), "c.json", *form, options={"train.mixed_precision": "fp8"})
+
+
+def test_picking_an_optimizer_offers_its_recommended_learning_rates():
+    from app.tab_train import base_config, recommended_lrs
+
+    example = base_config()
+    assert recommended_lrs("lracs", example["optimizer"]) == (2e-3, 2e-4)  # not AdamW's 1e-4
+    assert recommended_lrs("adamw", example["optimizer"]) == (1e-4, 1e-5)
+    assert example["base_model"] == "toyworld"  # the form's defaults come from the shipped example

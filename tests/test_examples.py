@@ -34,11 +34,12 @@ def test_fusion_example_configs_fit_together():
     fuse = from_dict(FuseConfig, load_yaml(REPO / "configs" / "fuse_example.yaml"), "fuse_example.yaml")
     assert [c.file for c in fuse.concepts] == [f"{t.output_dir}/{t.name}.safetensors" for t in trains]
     assert [t.name for t in trains] == ["robot", "cat", "cactus"]
-    assert {t.base_model for t in trains} == {"embedded"}
+    assert {t.base_model for t in trains} == {"toyworld"} and {t.data.resolution for t in trains} == {64}
     words = [w for t in trains for w in t.concept.words]
     assert len(set(words)) == len(words) == 6
     for t in trains:
-        assert Path(t.data.concept_list).is_file() and Path(t.validation.prompts_file).is_file()
+        assert Path(t.data.concept_list).is_file() and len(t.validation.prompts) == 4
+        assert all(" ".join(t.concept.words) in p for p in t.validation.prompts)
         assert t.name in t.data.concept_list and set(t.data.replace_mapping.values()) == {" ".join(t.concept.words)}
     script = (REPO / "scripts" / "fuse_examples.sh").read_text()
     assert "for config in example cat cactus" in script and "configs/fuse_example.yaml" in script

@@ -15,9 +15,10 @@ __all__ = ["add_parser", "run_evaluate", "run_compare"]
 
 
 def _clip_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--clip", default="ViT-B-32-quickgelu",
-                   help="open_clip model name, a model-config .json, or 'tiny' (random tiny CLIP, tests only); "
-                        "default ViT-B-32-quickgelu")
+    p.add_argument("--clip", default=None,
+                   help="open_clip model name, a model-config .json, 'toyworld' (the toy world's evaluation CLIP) "
+                        "or 'tiny' (random tiny CLIP, tests only); default: toyworld for images of the toy world, "
+                        "else ViT-B-32-quickgelu")
     p.add_argument("--clip-weights", help="pretrained tag (default openai) or a local weights file; 'random' for random weights")
     p.add_argument("--dino-weights", help="local DINO ViT-S/16 weights file (timm or torch-hub layout); none: DINO skipped")
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
@@ -85,11 +86,10 @@ def _fmt(stats) -> str:
 def run_evaluate(args) -> int:
     from pathlib import Path
 
-    from mixofshow.evaluate.clip import ClipSpec
     from mixofshow.evaluate.scores import evaluate
 
     out = Path(args.out) if args.out else Path(args.samples_dir) / "evaluation"
-    report = evaluate(args.samples_dir, args.reference_images, ClipSpec(args.clip, args.clip_weights),
+    report = evaluate(args.samples_dir, args.reference_images, args.clip, args.clip_weights,
                       dino_weights=args.dino_weights, out=out, class_words=_class_words(args.class_word),
                       device=args.device, identity=None if args.identity == "off" else args.identity)
     clip = report["clip"]
@@ -106,7 +106,6 @@ def run_evaluate(args) -> int:
 
 
 def run_compare(args) -> int:
-    from mixofshow.evaluate.clip import ClipSpec
     from mixofshow.evaluate.comparison import compare
 
     prompts = None
@@ -131,7 +130,7 @@ def run_compare(args) -> int:
         output_dir=args.output_dir, jobs=args.jobs, devices=args.devices.split(",") if args.devices else None,
         lr_grid=grid, progress=progress, prompts=prompts, num_images=args.num_images,
         sample_steps=args.sample_steps, scheduler=args.scheduler, heldout_draws=args.heldout_draws,
-        grid_steps=args.grid_steps, clip=ClipSpec(args.clip, args.clip_weights), dino_weights=args.dino_weights,
+        grid_steps=args.grid_steps, clip=args.clip, clip_weights=args.clip_weights, dino_weights=args.dino_weights,
     )
     if result.cancelled:
         print("cancelled; run the same command again to resume")

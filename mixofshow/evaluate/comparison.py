@@ -180,7 +180,8 @@ def compare(
     ``lr_grid`` holds factors of each optimizer's lr (e.g. ``[0.3, 1, 3]``); ``progress`` gets
     :class:`~mixofshow.evaluate.progress.Progress` reports (phase, run, step, ETA);
     ``should_stop() -> True`` checkpoints the running runs and returns ``cancelled=True``;
-    calling again with the same arguments resumes.
+    calling again with the same arguments resumes. ``clip`` None: the toy world's evaluation CLIP
+    when the base model is ``toyworld``, else ViT-B-32.
     """
     from mixofshow.train.config import load_train_config
     from mixofshow.train.validation import validation_prompts
@@ -196,6 +197,8 @@ def compare(
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
     steps = steps or base.train.max_steps
+    if clip is None and clip_weights is None and base.base_model == "toyworld":
+        clip = "toyworld"  # the world's own evaluation CLIP (shipped): scores that mean something offline
     out = Path(output_dir or f"runs/compare_{base.name}")
     devices = list(devices) if devices else None
     prompts = list(prompts) if prompts else validation_prompts(base)

@@ -75,7 +75,8 @@ def evaluate(
     Args:
         reference_images: folder (or list of files) of the concept's real images (CLIP-I, DINO);
             None skips them.
-        clip: a :class:`ClipSpec` or a model name / config file (weights from ``clip_weights``).
+        clip: a :class:`ClipSpec` or a model name / config file (weights from ``clip_weights``);
+            None: ``toyworld`` for images of the toy world (``base_model`` in ``index.json``), else ViT-B-32.
         dino_weights: local DINO ViT-S/16 weights file; None skips DINO (noted in the report).
         out: output path stem: ``<out>.json`` and ``<out>.csv`` (None: write nothing).
         class_words: extra ``{"<w1> <w2>": "class"}`` mappings for the CLIP-T texts.
@@ -102,6 +103,8 @@ def evaluate(
     else:
         refs = list_images(reference_images) if reference_images is not None else []
     if scorer is None:
+        if clip is None and clip_weights is None and index.get("base_model") == "toyworld":
+            clip = "toyworld"
         spec = clip if isinstance(clip, ClipSpec) else ClipSpec(model=clip or ClipSpec.model, weights=clip_weights)
         scorer = load_clip(spec, device)
     dino = None
