@@ -25,7 +25,7 @@ import torch
 from mixofshow.utils.io import FileFormatError, flatten_state, load_safetensors, save_safetensors
 from mixofshow.utils.io import unflatten_state
 
-__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "prune_checkpoints"]
+__all__ = ["Checkpoint", "checkpoint_path", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "prune_checkpoints"]
 
 _PREFIX = "step_"
 
@@ -63,10 +63,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def checkpoint_path(folder: Path, step: int) -> Path:
+    """``folder/step_000123``: where the checkpoint of ``step`` lives."""
+    return folder / f"{_PREFIX}{step:06d}"
+
+
 def save_checkpoint(folder: Path, step: int, trainable: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
-    """Write ``folder/step_{step:06d}`` atomically; returns its path."""
+    """Write :func:`checkpoint_path` atomically; returns it."""
     folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"{_PREFIX}{step:06d}"
+    final = checkpoint_path(folder, step)
     tmp = folder / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

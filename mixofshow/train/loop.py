@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from mixofshow.concepts.io import save_concept
 from mixofshow.optim.full_grad import clip_grad_norm_, finish_backward_
 from mixofshow.train.build import Setup, build_run, make_accelerator, seeded
+from mixofshow.train.checkpoint import checkpoint_path
 from mixofshow.train.config import TrainConfig, check_config
 from mixofshow.train.distributed import any_process, average_gradients, check_strategy, reduce_mean
 from mixofshow.train.finite import NonFiniteError, measure_step
@@ -164,7 +165,7 @@ def _run(setup: Setup, state: RunState, folder: RunFolder, progress, should_stop
     def checkpoint() -> Path:
         clock.collect(state, wait=True)
         error = None
-        path = out / "checkpoints" / f"step_{state.step:06d}"  # the main process's (shared file system)
+        path = checkpoint_path(out / "checkpoints", state.step)  # the main process's (shared file system)
         if main:
             try:
                 path = save_run(setup, state)
