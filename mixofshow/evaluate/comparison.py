@@ -125,7 +125,7 @@ def _row(plan: RunPlan, clip_info: dict[str, Any] | None, status: str = "done") 
         "clip_weights": clip_info["weights"] if clip_info else "n/a",
         "losses": metrics.get("losses") or record.get("losses", []),
     }
-    for key in ("clip_t", "clip_t_cos", "clip_i", "clip_i_cos", "dino"):
+    for key in ("clip_t", "clip_t_cos", "clip_i", "clip_i_cos", "dino", "identity"):
         row[key] = (scores.get(key) or {}).get("mean")
     if diverged:
         row["final_loss"] = math.nan  # metrics.json stores the non-finite loss as null

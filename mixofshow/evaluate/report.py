@@ -22,7 +22,7 @@ __all__ = ["CSV_COLUMNS", "METRICS", "summarise", "write_csv", "write_markdown",
 CSV_COLUMNS = (
     "optimizer", "seed", "status", "run_dir", "lr_unet", "lr_text_encoder", "lr_source", "steps",
     "final_loss", "mean_loss_last_10", "heldout_loss", "seconds_per_step", "optimizer_step_seconds",
-    "peak_memory_mb", "clip_t", "clip_t_cos", "clip_i", "clip_i_cos", "dino", "clip_model", "clip_weights",
+    "peak_memory_mb", "clip_t", "clip_t_cos", "clip_i", "clip_i_cos", "dino", "identity", "clip_model", "clip_weights",
 )
 # (row key, table heading, format)
 METRICS = (
@@ -31,6 +31,7 @@ METRICS = (
     ("clip_i", "CLIP-I", "{:.4f}"),
     ("clip_i_cos", "CLIP-I cos", "{:.4f}"),
     ("dino", "DINO", "{:.4f}"),
+    ("identity", "identity", "{:.3f}"),  # toy world only (evaluate/identity.py)
     ("final_loss", "final loss", "{:.4f}"),
     ("heldout_loss", "held-out loss", "{:.4f}"),
     ("seconds_per_step", "s / step", "{:.3f}"),
@@ -145,7 +146,7 @@ def plot_losses(curves: dict[str, list[tuple[int, list[float]]]], path: Path, em
 def plot_scores(summary: list[dict[str, Any]], path: Path) -> None:
     """Bars with sample-std error bars, one panel per metric that has values."""
     plt = _pyplot()
-    keys = [(k, h) for k, h, _ in METRICS if k in ("clip_t", "clip_i", "dino", "heldout_loss", "final_loss")
+    keys = [(k, h) for k, h, _ in METRICS if k in ("clip_t", "clip_i", "dino", "identity", "heldout_loss", "final_loss")
             and any(s[k]["mean"] is not None for s in summary)]
     fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(3.2 * max(1, len(keys)), 3.6), squeeze=False)
     names = [s["optimizer"] for s in summary]
