@@ -41,6 +41,8 @@ def base_model_choices(ctx: AppContext) -> list[str]:
 def fmt_seconds(seconds: float | None) -> str:
     if seconds is None:
         return "-"
+    if seconds < 9.95:  # a toy-world step takes a fraction of a second: "0.15s", not "0s"
+        return f"{seconds:.2g}s" if seconds < 1 else f"{seconds:.1f}s"
     seconds = int(round(seconds))
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)

@@ -447,9 +447,12 @@ def test_a_sample_job_shows_its_eta():
     job = Job(id=3, kind="sample", name="s", config={}, state="running", progress={
         "phase": "sampling", "done": 2, "total": 8, "seconds_per_image": 1.5, "eta": 9.0}, position=1, device="cpu",
         run_dir="/r", resume=False, error=None, worker_pid=None, created=0.0, started=1.0, finished=None)
-    assert "sampling: 2 / 8 images · 2s/image · ETA 9s" in job_summary(job)  # fmt_seconds rounds 1.5 s
+    assert "sampling: 2 / 8 images · 1.5s/image · ETA 9.0s" in job_summary(job)
+    from app.context import fmt_seconds
+
+    assert [fmt_seconds(s) for s in (0.153, 0.0, 12.4, 75, 3700)] == ["0.15s", "0s", "12s", "1m 15s", "1h 01m"]
     job.kind, job.progress = "fuse", {"phase": "fusing (spatial)", "done": 30, "total": 40, "unit": "layers", "eta": 4.0}
-    assert "fusing (spatial): 30 / 40 layers · ETA 4s" in job_summary(job)
+    assert "fusing (spatial): 30 / 40 layers · ETA 4.0s" in job_summary(job)
 
 
 def test_training_options_come_from_the_config_dataclasses_and_reach_the_yaml():
