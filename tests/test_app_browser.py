@@ -68,7 +68,7 @@ def test_click_through_train_then_sample(tmp_path):
             page.locator("#sample-refresh").click()
             page.get_by_label("Concept or fused model").click()
             page.get_by_role("option").first.click()
-            _fill(page, "Steps", "2")
+            _fill(page, "Steps", "25")  # the toy world samples 25 steps in about a second
             page.locator("#sample-submit").click()
             page.locator("#sample-gallery img").first.wait_for(timeout=180_000)
             page.wait_for_timeout(2500)  # the second image
@@ -77,7 +77,7 @@ def test_click_through_train_then_sample(tmp_path):
 
             page.get_by_role("tab", name="Compare").click()
             for label, value in (("Seeds", "0"), ("Steps per run", "2"), ("Resolution (shipped concept)", "64"),
-                                 ("Images per prompt", "1"), ("Sampler steps", "2"), ("Held-out loss draws", "2")):
+                                 ("Images per prompt", "1"), ("Sampler steps", "25"), ("Held-out loss draws", "2")):
                 _fill(page, label, value)  # CLIP left empty: the toy world's own
             page.locator("#compare-submit").click()
             page.locator("#compare-status", has_text="done").wait_for(timeout=240_000)
