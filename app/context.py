@@ -77,7 +77,8 @@ def job_summary(job: Job) -> str:
         eta = fmt_seconds(p.get("eta")) if job.state == "running" else "-"
         lines.append(f"{p['phase']}{where} · runs done {p.get('runs_done', 0)} / {p.get('runs_total', 0)} · ETA {eta}")
         if p.get("clip_note"):  # the whole message is in the comparison's notes, once
-            lines.append("CLIP scores n/a: no CLIP weights on this machine (the comparison's notes say how to give them)")
+            lines.append("CLIP scores n/a: no CLIP weights on this machine "
+                         "(the comparison's notes say how to give them)")
     elif p.get("total"):
         rate = f" · {fmt_seconds(p['seconds_per_image'])}/image" if p.get("seconds_per_image") is not None else ""
         eta = f"{rate} · ETA {fmt_seconds(p.get('eta'))}" \

@@ -302,7 +302,8 @@ class JobStore:
         if state not in FINISHED:
             raise ValueError(f"a job finishes as one of {', '.join(FINISHED)}, not {state!r}")
         with self._connect() as db:
-            changed = db.execute("UPDATE jobs SET state = ?, error = ?, finished = ? WHERE id = ? AND state = 'running'",
-                                 (state, error, time.time(), job_id)).rowcount
+            changed = db.execute(
+                "UPDATE jobs SET state = ?, error = ?, finished = ? WHERE id = ? AND state = 'running'",
+                (state, error, time.time(), job_id)).rowcount
         if not changed:
             raise ValueError(f"job #{job_id} is {self.get(job_id).state}, not running; it cannot finish as {state}")

@@ -3,9 +3,9 @@
 Per image: CLIP-T = ``text_scale * max(cos, 0)`` with the class-word text (``prompts.py``);
 CLIP-I = the mean over all reference images of ``image_scale * max(cos, 0)``; DINO = the mean
 raw cosine to the references; identity (toy world only, ``evaluate/identity.py``) = P(the
-concept named in the prompt is in the image) by the identity judge. The raw cosines are kept beside every scaled figure. Per prompt
-and overall: mean and sample standard deviation over images (the overall CLIP-I mean is the
-mean over all (generated, reference) pairs). Output: JSON and CSV naming model, weights, scale.
+concept named in the prompt is in the image) by the identity judge. The raw cosines are kept
+beside every scaled figure. Per prompt and overall: mean and sample standard deviation over
+images (the overall CLIP-I mean is the mean over all (generated, reference) pairs). Output: JSON and CSV naming model, weights, scale.
 """
 
 from __future__ import annotations
