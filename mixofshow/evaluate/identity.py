@@ -36,28 +36,25 @@ class IdentityJudge:
         self.model = load_toyworld_judge("identity").to(device or "cpu")
 
     def scores(self, paths: Sequence[Path], prompts: Sequence[str], forced: str | None = None) -> list[float | None]:
-        """Per image: mean P(present) of the concepts its prompt names; None where it names none."""
+        """Per image: mean P(present) of the concepts its prompt names; None where it names none.
+        Every image is read once and judged in one batch per concept."""
         import numpy as np
-        import torch
         from PIL import Image
 
+        from mixofshow.toyworld.data import from_uint8
         from mixofshow.toyworld.identity import identity_scores
 
-        out: list[float | None] = []
-        for path, prompt in zip(paths, prompts):
-            names = named_concepts(prompt, forced)
-            if not names:
-                out.append(None)
-                continue
-            with Image.open(path) as img:
-                rgb = np.asarray(img.convert("RGB").resize((64, 64), Image.Resampling.BOX), dtype=np.float32)
-            x = torch.from_numpy(rgb).permute(2, 0, 1)[None] / 127.5 - 1
-            out.append(sum(float(identity_scores(self.model, x, n)[0]) for n in names) / len(names))
+        names = [named_concepts(prompt, forced) for prompt in prompts]
+        keep = [i for i, n in enumerate(names) if n]
+        out: list[float | None] = [None] * len(paths)
+        if not keep:
+            return out
+        pixels = []
+        for i in keep:
+            with Image.open(paths[i]) as img:
+                pixels.append(np.asarray(img.convert("RGB").resize((64, 64), Image.Resampling.BOX)))
+        x = from_uint8(np.stack(pixels))
+        p = {n: identity_scores(self.model, x, n) for n in {n for i in keep for n in names[i]}}
+        for row, i in enumerate(keep):
+            out[i] = sum(float(p[n][row]) for n in names[i]) / len(names[i])
         return out
-
-    def positions(self, images, name: str) -> list[str]:
-        """Where concept ``name`` is in each image (``absent``, ``left``, ``center``, ``right``);
-        ``images``: (N, 3, H, W) in [-1, 1]."""
-        from mixofshow.toyworld.identity import concept_positions
-
-        return concept_positions(self.model, images, name)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from mixofshow.toyworld.world import Scene, mirrored, scene
 from mixofshow.utils.io import atomic_write_bytes, atomic_write_text
 
-__all__ = ["GENERATOR_VERSION", "Split", "render_split", "load_split"]
+__all__ = ["GENERATOR_VERSION", "from_uint8", "Split", "render_split", "load_split"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,11 @@ def render_split(folder: str | Path, split: str, count: int, seed: int, size: in
     return folder
 
 
+def from_uint8(images: np.ndarray) -> torch.Tensor:
+    """N x S x S x 3 uint8 images as the models read them: N x 3 x S x S floats in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
 @dataclass
 class Split:
     images: np.ndarray  # N x S x S x 3 uint8
@@ -59,7 +64,7 @@ class Split:
 
     def batch(self, index: np.ndarray, mirror: bool = False) -> tuple[torch.Tensor, list[Scene]]:
         """Images (B x 3 x S x S in [-1, 1]) and scenes of ``index``; ``mirror`` appends their mirrors."""
-        x = torch.from_numpy(self.images[index]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        x = from_uint8(self.images[index])
         scenes = [self.scenes[i] for i in index]
         if mirror:
             size = x.shape[-1]

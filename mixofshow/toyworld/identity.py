@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from mixofshow.toyworld.concepts import CONCEPT_NAMES, concept_spec
+from mixofshow.toyworld.data import from_uint8
 from mixofshow.toyworld.draw import BACKGROUNDS, CLASSES, Layer
 from mixofshow.toyworld.judge import Judge
 from mixofshow.toyworld.stage import StageConfig, run_stage
@@ -35,7 +36,7 @@ from mixofshow.toyworld.world import (BACKGROUND_NAMES, CLASS_NAMES, COLOURS, CO
                                       finish, jitter_colour, paste_subject)
 
 __all__ = ["IDENTITY_STAGE", "SLOTS", "build_identity", "identity_scene", "scrambled", "degraded", "identity_batch", "identity_accuracy",
-           "identity_scores", "concept_positions", "train_identity"]
+           "identity_scores", "train_identity"]
 
 IDENTITY_STAGE = StageConfig(steps=2000, batch=64, lr=2e-3, warmup=100, weight_decay=0.01, eval_every=500,
                              checkpoint_every=250)
@@ -120,8 +121,7 @@ def identity_batch(tag: str, count: int, seed: int) -> tuple[torch.Tensor, dict[
             image, truth = scrambled(image, rng), dict.fromkeys(truth, 0)
         images.append(degraded(image, rng))
         truths.append(truth)
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return x, {name: torch.tensor([t[name] for t in truths]) for name in CONCEPT_NAMES}
+    return from_uint8(np.stack(images)), {name: torch.tensor([t[name] for t in truths]) for name in CONCEPT_NAMES}
 
 
 @torch.no_grad()
@@ -138,24 +138,15 @@ def identity_accuracy(judge: Judge, x: torch.Tensor, truth: dict[str, torch.Tens
     return out
 
 
-def _probs(judge: Judge, images: torch.Tensor, name: str) -> torch.Tensor:
+def identity_scores(judge: Judge, images: torch.Tensor, name: str) -> torch.Tensor:
+    """P(concept ``name`` is in the image), per image; ``images``: (N, 3, H, W) in [-1, 1]."""
     if name not in CONCEPT_NAMES:
         raise ValueError(f"no identity head for {name!r}; the toy world's concepts are {list(CONCEPT_NAMES)}")
     x = images.to(next(judge.parameters()).device, torch.float32)
     if x.shape[-1] != 64:
         x = F.interpolate(x, size=(64, 64), mode="area")
     with torch.no_grad():
-        return judge(x)[name].softmax(1).cpu()
-
-
-def identity_scores(judge: Judge, images: torch.Tensor, name: str) -> torch.Tensor:
-    """P(concept ``name`` is in the image), per image; ``images``: (N, 3, H, W) in [-1, 1]."""
-    return 1 - _probs(judge, images, name)[:, 0]
-
-
-def concept_positions(judge: Judge, images: torch.Tensor, name: str) -> list[str]:
-    """The most likely entry of :data:`SLOTS` for concept ``name`` in each image."""
-    return [SLOTS[i] for i in _probs(judge, images, name).argmax(1).tolist()]
+        return 1 - judge(x)[name].softmax(1)[:, 0].cpu()
 
 
 def train_identity(judge: Judge, folder: Path, seed: int, cfg: StageConfig = IDENTITY_STAGE,

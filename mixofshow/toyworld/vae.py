@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
-from mixofshow.toyworld.data import Split
+from mixofshow.toyworld.data import Split, from_uint8
 from mixofshow.toyworld.draw import BACKGROUNDS, Layer, gradient
 from mixofshow.toyworld.stage import StageConfig, batch_indices, run_stage, step_generator
 from mixofshow.toyworld.world import finish
@@ -92,7 +92,7 @@ def shapes_scene(rng: random.Random, size: int = 64) -> np.ndarray:
 def shapes_batch(tag: str, count: int, seed: int) -> torch.Tensor:
     """``count`` :func:`shapes_scene` images in [-1, 1], drawn from ``f"vae-shapes/{seed}/{tag}/{i}"``."""
     images = np.stack([shapes_scene(random.Random(f"vae-shapes/{seed}/{tag}/{i}")) for i in range(count)])
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return from_uint8(images)
 
 
 def train_vae(vae: AutoencoderKL, train: Split, val: Split, folder: Path, seed: int,
