@@ -13,9 +13,8 @@ and pot.
 Per concept one 4-way head: absent / left / center / right (where the subject's centre is, by
 thirds of the width). Scenes are sometimes blurred or noisy, as generated images are, and one in
 seven is scrambled (its tiles shuffled: the concept's colours and parts without its shape), with
-every concept absent, so that colour blobs do not pass for a concept. :func:`identity_scores` gives P(present) per image, the identity score of
-``mixofshow evaluate`` on the toy world, and :func:`concept_positions` the most likely place, for
-regional sampling.
+every concept absent, so that colour blobs do not pass for a concept. :func:`identity_scores`
+gives P(present) per image, the identity score of ``mixofshow evaluate`` on the toy world.
 """
 
 from __future__ import annotations
